@@ -1,0 +1,76 @@
+"""Small shared helpers: when to run Triton, block sizes, launch checks.
+
+A kernel runs in Triton when its input is on a CUDA device, or on the CPU while Triton's interpreter is on
+(`TRITON_INTERPRET=1`, set before `triton` is imported). Everywhere else (CPU without the interpreter, MPS,
+a machine without Triton) the public functions run a plain PyTorch path with the same semantics, so a model
+that imports these kernels still runs anywhere.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # macOS, Windows, or a minimal install: only the PyTorch path is available
+    HAS_TRITON = False
+
+    class _TritonStub:
+        """Stands in for `triton` / `triton.language` so the kernel files import; their kernels never run."""
+
+        constexpr = int
+        float32 = int64 = None
+
+        @staticmethod
+        def jit(fn=None, **kwargs):
+            return fn if fn is not None else (lambda f: f)
+
+        @staticmethod
+        def cdiv(a: int, b: int) -> int:
+            return -(-a // b)
+
+        @staticmethod
+        def next_power_of_2(n: int) -> int:
+            return 1 << max(n - 1, 0).bit_length()
+
+    triton = tl = _TritonStub()
+
+__all__ = ["HAS_TRITON", "triton", "tl", "interpreting", "use_triton", "check_triton_device", "num_programs"]
+
+
+def interpreting() -> bool:
+    """True when Triton's interpreter runs kernels on the CPU (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def use_triton(x: torch.Tensor) -> bool:
+    """Whether the Triton kernels can run on `x`'s device; otherwise callers take the PyTorch path."""
+    if not HAS_TRITON:
+        return False
+    if x.device.type == "cuda":
+        return True
+    return x.device.type == "cpu" and interpreting()
+
+
+def check_triton_device(op: str, *tensors: torch.Tensor) -> None:
+    """One-line error for a custom op called directly on tensors that Triton cannot run on."""
+    for t in tensors:
+        if t is not None and not use_triton(t):
+            raise RuntimeError(
+                f"{op}: Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 on the CPU), got a tensor on "
+                f"{t.device}; call the public function in `kernels`, which falls back to PyTorch"
+            )
+    devices = {t.device for t in tensors if t is not None}
+    if len(devices) > 1:
+        raise RuntimeError(f"{op}: tensors are on different devices: {sorted(map(str, devices))}")
+
+
+def num_programs(device: torch.device, per_sm: int = 2) -> int:
+    """Size of a persistent grid: a few programs per SM on a GPU, a handful in the CPU interpreter."""
+    if device.type == "cuda":
+        return per_sm * torch.cuda.get_device_properties(device).multi_processor_count
+    return 4

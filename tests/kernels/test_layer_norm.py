@@ -1,0 +1,163 @@
+"""kernels.layer_norm / rms_norm against PyTorch: outputs, every gradient, strides, modules, compile, opcheck."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import kernels
+from kernels import layer_norm, rms_norm
+from kernels.layer_norm import MAX_FUSED_N, _norm_bwd, _norm_fwd
+from tests.conftest import DEVICE, assert_close_to_ref, requires_cuda
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# (1, 1): a single element; (3, 7, 129): odd leading dims; (300, 5): many narrow rows packed per program;
+# (2, 771): GPT-2-like odd width; (2, MAX_FUSED_N + 3): the streaming path for wide rows.
+SHAPES = [(1, 1), (3, 7, 129), (300, 5), (2, 771), (2, MAX_FUSED_N + 3)]
+# Which parameters the norm has: LayerNorm with weight and bias, weight only, none; RMSNorm with and without weight.
+KINDS = ["ln", "ln_weight_only", "ln_no_affine", "rms", "rms_no_weight"]
+
+
+def make_inputs(shape, dtype, kind, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    N = shape[-1]
+    x = torch.randn(shape, generator=g) * 2 + 0.5
+    w = torch.randn(N, generator=g) if kind in ("ln", "ln_weight_only", "rms") else None
+    b = torch.randn(N, generator=g) if kind == "ln" else None
+    to = lambda t: None if t is None else t.to(DEVICE, dtype).requires_grad_()
+    return to(x), to(w), to(b), torch.randn(shape, generator=g).to(DEVICE, dtype)
+
+
+def run_norm(fn_ln, fn_rms, kind, x, w, b):
+    return fn_rms(x, w) if kind.startswith("rms") else fn_ln(x, w, b)
+
+
+def torch_ln(x, w, b):
+    return F.layer_norm(x, (x.shape[-1],), w, b, 1e-5)
+
+
+def torch_rms(x, w):
+    return F.rms_norm(x, (x.shape[-1],), w, 1e-6)
+
+
+def outputs_and_grads(y, dy, inputs):
+    params = [t for t in inputs if t is not None]
+    return [y, *torch.autograd.grad(y, params, dy)]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_matches_torch(shape, dtype, kind):
+    x, w, b, dy = make_inputs(shape, dtype, kind)
+    ours = outputs_and_grads(run_norm(layer_norm, rms_norm, kind, x, w, b), dy, (x, w, b))
+    eager = outputs_and_grads(run_norm(torch_ln, torch_rms, kind, x, w, b), dy, (x, w, b))
+    up = lambda t: None if t is None else t.detach().double().requires_grad_()
+    x64, w64, b64 = up(x), up(w), up(b)
+    ref = outputs_and_grads(run_norm(torch_ln, torch_rms, kind, x64, w64, b64), dy.double(), (x64, w64, b64))
+    assert ours[0].dtype == dtype
+    for name, o, r, e in zip(["y", "dx", "dweight", "dbias"], ours, ref, eager):
+        assert_close_to_ref(o, r, e, name)
+
+
+@pytest.mark.parametrize("kind", ["ln", "rms"])
+def test_non_contiguous_inputs(kind):
+    """Strided x and dy (a column slice, a transpose) go to the kernel without a copy and give the same result."""
+    base = torch.randn(6, 2 * 129, device=DEVICE)
+    x = base[:, ::2].requires_grad_()  # stride (258, 2)
+    xt = torch.randn(129, 6, device=DEVICE).t().requires_grad_()  # stride (1, 6)
+    w, b = torch.randn(129, device=DEVICE), torch.randn(129, device=DEVICE)
+    for inp in (x, xt):
+        dy = torch.randn(129, 6, device=DEVICE).t()
+        ours = run_norm(layer_norm, rms_norm, kind, inp, w, b)
+        ref = run_norm(torch_ln, torch_rms, kind, inp, w, b)
+        torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(torch.autograd.grad(ours, inp, dy)[0], torch.autograd.grad(ref, inp, dy)[0], atol=1e-5, rtol=1e-5)
+
+
+def test_weight_gradient_is_deterministic():
+    x, w, b, dy = make_inputs((333, 771), torch.float32, "ln")
+    grads = [torch.autograd.grad(layer_norm(x, w, b), (w, b), dy) for _ in range(3)]
+    for g in grads[1:]:
+        assert all(torch.equal(a, c) for a, c in zip(grads[0], g))
+
+
+def test_mixed_dtypes_fp32_params_half_input():
+    """fp32 parameters with a bf16 input (autocast-style): output bf16, gradients in each tensor's dtype."""
+    x = torch.randn(4, 96, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(96, device=DEVICE, requires_grad=True)
+    b = torch.randn(96, device=DEVICE, requires_grad=True)
+    y = layer_norm(x, w, b)
+    dx, dw, db = torch.autograd.grad(y, (x, w, b), torch.ones_like(y))
+    ref = F.layer_norm(x.float(), (96,), w, b)
+    assert y.dtype == dx.dtype == torch.bfloat16 and dw.dtype == db.dtype == torch.float32
+    torch.testing.assert_close(y.float(), ref, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("kind", ["ln", "rms"])
+def test_torch_compile_fullgraph_matches_eager(kind):
+    x, w, b, dy = make_inputs((3, 7, 129), torch.float32, kind)
+    fn = lambda x, w, b: run_norm(layer_norm, rms_norm, kind, x, w, b)
+    eager = outputs_and_grads(fn(x, w, b), dy, (x, w, b))
+    compiled = outputs_and_grads(torch.compile(fn, fullgraph=True)(x, w, b), dy, (x, w, b))
+    for e, c in zip(eager, compiled):
+        torch.testing.assert_close(c, e, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("is_rms", [False, True])
+def test_opcheck(is_rms):
+    x, w, b, dy = make_inputs((5, 33), torch.float32, "rms" if is_rms else "ln")
+    torch.library.opcheck(_norm_fwd, (x, w, None if is_rms else b, 1e-5, is_rms))
+    with torch.no_grad():
+        _, mean, rstd = _norm_fwd(x, w, b, 1e-5, is_rms)
+    torch.library.opcheck(_norm_bwd, (dy, x.detach(), w.detach(), mean, rstd, not is_rms, is_rms))
+
+
+def test_modules_are_drop_ins():
+    ours, theirs = kernels.LayerNorm(64), nn.LayerNorm(64)
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    assert kernels.LayerNorm(64, bias=False).bias is None and "bias" not in kernels.LayerNorm(64, bias=False).state_dict()
+    assert kernels.LayerNorm(64, elementwise_affine=False).weight is None
+    assert kernels.RMSNorm(64).state_dict().keys() == nn.RMSNorm(64).state_dict().keys()
+    for mine, ref in [(kernels.LayerNorm(64, bias=False), nn.LayerNorm(64, bias=False)), (kernels.RMSNorm(64, eps=1e-5), nn.RMSNorm(64, eps=1e-5))]:
+        with torch.no_grad():
+            ref.weight.normal_()
+        mine.load_state_dict(ref.state_dict())
+        mine, ref = mine.to(DEVICE), ref.to(DEVICE)
+        x = torch.randn(2, 5, 64, device=DEVICE)
+        torch.testing.assert_close(mine(x), ref(x), atol=1e-5, rtol=1e-5)
+
+
+def test_bad_arguments_raise_clear_errors():
+    x = torch.randn(4, 8, device=DEVICE)
+    with pytest.raises(ValueError, match="weight has shape"):
+        layer_norm(x, torch.ones(7, device=DEVICE))
+    with pytest.raises(ValueError, match="non-empty last dimension"):
+        rms_norm(torch.randn(4, 0, device=DEVICE))
+    with pytest.raises(ValueError, match="only the last dimension"):
+        kernels.LayerNorm((4, 8))
+
+
+def test_empty_batch():
+    x = torch.randn(0, 16, device=DEVICE, requires_grad=True)
+    y = layer_norm(x, torch.ones(16, device=DEVICE))
+    assert y.shape == (0, 16)
+    y.sum().backward()
+    assert x.grad.shape == (0, 16)
+
+
+def test_pytorch_fallback_off_triton(monkeypatch):
+    """Without CUDA or the interpreter, the functions run plain PyTorch and the raw ops say what they need."""
+    monkeypatch.setattr("kernels._utils.interpreting", lambda: False)
+    x, w, b = torch.randn(3, 50), torch.randn(50), torch.randn(50)
+    torch.testing.assert_close(layer_norm(x, w, b), F.layer_norm(x, (50,), w, b), atol=0, rtol=0)
+    torch.testing.assert_close(rms_norm(x, w), F.rms_norm(x, (50,), w, 1e-6), atol=1e-6, rtol=1e-6)
+    with pytest.raises(RuntimeError, match="need CUDA tensors"):
+        _norm_fwd(x, w, b, 1e-5, False)
+
+
+@requires_cuda("real-size bf16/fp16 checks run on a GPU")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(16384, 768), (16384, 1600), (4096, 16384), (64, 65536)])
+@pytest.mark.parametrize("kind", ["ln", "rms"])
+def test_real_sizes_on_gpu(shape, dtype, kind):
+    test_matches_torch(shape, dtype, kind)
