@@ -11,8 +11,8 @@ from tests.conftest import DEVICE, assert_close_to_ref, requires_cuda
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # (1, 1): a single element; (3, 7, 129): odd leading dims; (300, 5): many narrow rows packed per program;
-# (2, 771): GPT-2-like odd width; (2, MAX_FUSED_N + 3): the streaming path for wide rows.
-SHAPES = [(1, 1), (3, 7, 129), (300, 5), (2, 771), (2, MAX_FUSED_N + 3)]
+# (2, 771): GPT-2-like odd width; then rows that stream in backward only, and in both directions.
+SHAPES = [(1, 1), (3, 7, 129), (300, 5), (2, 771), (3, MAX_FUSED_N["backward"] + 5), (2, MAX_FUSED_N["forward"] + 3)]
 # Which parameters the norm has: LayerNorm with weight and bias, weight only, none; RMSNorm with and without weight.
 KINDS = ["ln", "ln_weight_only", "ln_no_affine", "rms", "rms_no_weight"]
 

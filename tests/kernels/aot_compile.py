@@ -1,0 +1,104 @@
+"""Compile every Triton kernel, in every configuration its launcher can pick, ahead of time for a GPU target.
+
+Needs no GPU: `python -m tests.kernels.aot_compile FAMILY ARCH` (TRITON_INTERPRET unset) prints one JSON line
+per compiled kernel with its shared memory, or the compiler's error. test_aot_compile.py runs it in a
+subprocess, because the interpreter replaces the kernels in the test process itself.
+"""
+from __future__ import annotations
+
+import importlib
+import itertools
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+# import_module: `kernels.cross_entropy` as an attribute is the function that kernels/__init__.py re-exports.
+ce = importlib.import_module("kernels.cross_entropy")
+ln = importlib.import_module("kernels.layer_norm")
+
+DTYPES = ["fp32", "fp16", "bf16"]
+DATA = "data"  # a pointer to the op's input dtype
+FLOAT_ARGS = {"eps", "label_smoothing", "z_loss"}
+POINTERS = {
+    "_norm_fwd_kernel": dict(X=DATA, Y=DATA, W=DATA, B=DATA, Mean="*fp32", Rstd="*fp32"),
+    "_norm_bwd_kernel": dict(DY=DATA, X=DATA, W=DATA, Mean="*fp32", Rstd="*fp32", DX=DATA, DW_partial="*fp32", DB_partial="*fp32"),
+    "_cross_entropy_fwd_kernel": dict(Logits=DATA, Target="*i64", Loss="*fp32", Lse="*fp32"),
+    "_cross_entropy_bwd_kernel": dict(DLogits=DATA, Logits=DATA, Target="*i64", Lse="*fp32", DLoss="*fp32"),
+}
+
+
+def norm_specs():
+    """Every width class the launcher distinguishes, for LayerNorm, RMSNorm and no-affine, in each dtype."""
+    widths = [2**k for k in range(15)] + [ln.MAX_FUSED_N["forward"] + 1]
+    flags = [dict(IS_RMS=False, HAS_WEIGHT=True, HAS_BIAS=True), dict(IS_RMS=True, HAS_WEIGHT=True, HAS_BIAS=False),
+             dict(IS_RMS=False, HAS_WEIGHT=False, HAS_BIAS=False)]
+    for kernel, backward in [(ln._norm_fwd_kernel, False), (ln._norm_bwd_kernel, True)]:
+        configs = {tuple(sorted(ln.launch_config(n, backward).items())) for n in widths}
+        for cfg, flag, dtype in itertools.product(sorted(configs), flags, DTYPES):
+            yield kernel, dtype, {**dict(cfg), **flag}
+
+
+def cross_entropy_specs():
+    vocabs = [2**k for k in range(14)] + [ce.MAX_BLOCK_V + 1]
+    configs = {tuple(sorted(ce.launch_config(v).items())) for v in vocabs}
+    for cfg, dtype in itertools.product(sorted(configs), DTYPES):
+        for smoothing in (False, True):
+            yield ce._cross_entropy_fwd_kernel, dtype, {**dict(cfg), "HAS_SMOOTHING": smoothing}
+        yield ce._cross_entropy_bwd_kernel, dtype, dict(cfg)
+
+
+FAMILIES = {"layer_norm": norm_specs, "cross_entropy": cross_entropy_specs}
+
+
+def resource_usage(cubin: bytes) -> dict:
+    """Registers per thread and stack bytes (spills) of a compiled kernel, from cuobjdump in Triton's wheel."""
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True, check=True).stdout
+    usage = dict(re.findall(r"(REG|STACK):(\d+)", out))
+    return dict(registers=int(usage["REG"]), stack=int(usage["STACK"]))
+
+
+def compile_one(job):
+    module, name, dtype, cfg, arch = job
+    kernel = getattr(importlib.import_module(module), name)
+    options = {k: cfg.pop(k) for k in ("num_warps", "num_stages") if k in cfg}
+    pointers = POINTERS[kernel.__name__]
+    signature = {}
+    for name in kernel.arg_names:
+        if name in cfg:
+            signature[name] = "constexpr"
+        elif name in pointers:
+            signature[name] = f"*{dtype}" if pointers[name] == DATA else pointers[name]
+        else:
+            signature[name] = "fp32" if name in FLOAT_ARGS else "i32"
+    record = dict(kernel=kernel.__name__, dtype=dtype, arch=arch, **cfg, **options)
+    try:
+        compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=cfg),
+                                  target=GPUTarget("cuda", arch, 32), options=options)
+        record.update(shared=compiled.metadata.shared, **resource_usage(compiled.asm["cubin"]), ok=True)
+    except Exception as e:  # reported, and failed, by the test
+        record.update(ok=False, error=f"{type(e).__name__}: {e}"[:2000])
+    return record
+
+
+def main(family: str, arch: int, workers: int = 2) -> None:
+    # Kernels travel to the worker processes by name: the JIT wrappers do not pickle.
+    jobs = [(k.fn.__module__, k.__name__, dtype, dict(cfg), arch) for k, dtype, cfg in FAMILIES[family]()]
+    with ProcessPoolExecutor(workers) as pool:
+        for record in pool.map(compile_one, jobs):
+            print(json.dumps(record), flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], int(sys.argv[2]))
