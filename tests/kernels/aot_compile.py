@@ -23,16 +23,27 @@ from triton.compiler import ASTSource
 # import_module: `kernels.cross_entropy` as an attribute is the function that kernels/__init__.py re-exports.
 ce = importlib.import_module("kernels.cross_entropy")
 ln = importlib.import_module("kernels.layer_norm")
+attn = importlib.import_module("kernels.attention")
 
 DTYPES = ["fp32", "fp16", "bf16"]
 DATA = "data"  # a pointer to the op's input dtype
 FLOAT_ARGS = {"eps", "label_smoothing", "z_loss"}
+# Specialisation as Triton's launcher does it for contiguous inputs: a stride of 1 becomes a constant, and
+# pointers (and, for attention, row strides: multiples of D) are known to be 16-aligned.
+UNIT_STRIDES = {"stride_xn", "stride_dyn", "stride_lv", "stride_dv", "stride_qd", "stride_kd", "stride_vd", "stride_dod"}
+ALIGNED_INTS = {"stride_qb", "stride_qh", "stride_qt", "stride_kb", "stride_kh", "stride_ks", "stride_vb", "stride_vh",
+                "stride_vs", "stride_dob", "stride_doh", "stride_dot"}
 POINTERS = {
     "_norm_fwd_kernel": dict(X=DATA, Y=DATA, W=DATA, B=DATA, Mean="*fp32", Rstd="*fp32"),
     "_norm_bwd_kernel": dict(DY=DATA, X=DATA, W=DATA, Mean="*fp32", Rstd="*fp32", DX=DATA, DW_partial="*fp32", DB_partial="*fp32"),
     "_cross_entropy_fwd_kernel": dict(Logits=DATA, Target="*i64", Loss="*fp32", Lse="*fp32"),
     "_cross_entropy_bwd_kernel": dict(DLogits=DATA, Logits=DATA, Target="*i64", Lse="*fp32", DLoss="*fp32"),
+    "_attn_fwd_kernel": dict(Q=DATA, K=DATA, V=DATA, O=DATA, Lse="*fp32"),
+    "_attn_bwd_preprocess_kernel": dict(O=DATA, DO=DATA, Delta="*fp32"),
+    "_attn_bwd_dkdv_kernel": dict(Q=DATA, K=DATA, V=DATA, DO=DATA, Lse="*fp32", Delta="*fp32", DK=DATA, DV=DATA),
+    "_attn_bwd_dq_kernel": dict(Q=DATA, K=DATA, V=DATA, DO=DATA, Lse="*fp32", Delta="*fp32", DQ=DATA),
 }
+TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
 def norm_specs():
@@ -55,7 +66,26 @@ def cross_entropy_specs():
         yield ce._cross_entropy_bwd_kernel, dtype, dict(cfg)
 
 
-FAMILIES = {"layer_norm": norm_specs, "cross_entropy": cross_entropy_specs}
+def attention_specs():
+    """Each head-dim class (powers of two and a padded one) and causal flag, for all four kernels, in bf16 and
+    fp32 (their tile tables differ); fp16 shares bf16's tiles and is compiled at GPT-2's head dim."""
+    import torch
+
+    kernels = {"fwd": attn._attn_fwd_kernel, "preprocess": attn._attn_bwd_preprocess_kernel,
+               "dkdv": attn._attn_bwd_dkdv_kernel, "dq": attn._attn_bwd_dq_kernel}
+    cases = [*itertools.product([16, 32, 64, 80, 128, 256], ["bf16", "fp32"]), (64, "fp16")]
+    for head_dim, dtype in cases:
+        torch_dtype = getattr(torch, TORCH_DTYPES[dtype])
+        for name, kernel in kernels.items():
+            cfg = {**attn.launch_config(name, head_dim, torch_dtype), "HEAD_DIM": head_dim}
+            if name == "preprocess":
+                yield kernel, dtype, cfg
+                continue
+            for causal in (False, True):
+                yield kernel, dtype, {**cfg, "CAUSAL": causal, "DOT_PRECISION": attn._dot_precision(torch_dtype)}
+
+
+FAMILIES = {"layer_norm": norm_specs, "cross_entropy": cross_entropy_specs, "attention": attention_specs}
 
 
 def resource_usage(cubin: bytes) -> dict:
@@ -73,18 +103,23 @@ def compile_one(job):
     module, name, dtype, cfg, arch = job
     kernel = getattr(importlib.import_module(module), name)
     options = {k: cfg.pop(k) for k in ("num_warps", "num_stages") if k in cfg}
+    record = dict(kernel=kernel.__name__, dtype=dtype, arch=arch, **cfg, **options)
     pointers = POINTERS[kernel.__name__]
-    signature = {}
-    for name in kernel.arg_names:
+    signature, attrs = {}, {}
+    for index, name in enumerate(kernel.arg_names):
+        if name in UNIT_STRIDES:
+            cfg[name] = 1
         if name in cfg:
             signature[name] = "constexpr"
         elif name in pointers:
             signature[name] = f"*{dtype}" if pointers[name] == DATA else pointers[name]
+            attrs[(index,)] = [["tt.divisibility", 16]]
         else:
             signature[name] = "fp32" if name in FLOAT_ARGS else "i32"
-    record = dict(kernel=kernel.__name__, dtype=dtype, arch=arch, **cfg, **options)
+            if name in ALIGNED_INTS:
+                attrs[(index,)] = [["tt.divisibility", 16]]
     try:
-        compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=cfg),
+        compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=cfg, attrs=attrs),
                                   target=GPUTarget("cuda", arch, 32), options=options)
         record.update(shared=compiled.metadata.shared, **resource_usage(compiled.asm["cubin"]), ok=True)
     except Exception as e:  # reported, and failed, by the test
