@@ -1,6 +1,9 @@
 """Every kernel configuration compiles ahead of time for Ampere (sm_80) and Hopper (sm_90), fits in shared
 memory, and spills at most a few registers. This is what keeps a kernel that only works in the interpreter from
-landing: the CPU interpreter accepts code that the GPU compiler rejects."""
+landing: the CPU interpreter accepts code that the GPU compiler rejects.
+
+FASTLM_AOT_PYTHON=/path/to/python runs the compiler under another environment, e.g. one with triton 3.6 (the
+GPU machines' version) beside CI's 3.9; without it the test process's own Python is used."""
 import json
 import os
 import subprocess
@@ -21,7 +24,8 @@ MAX_STACK_BYTES = 32
 def test_every_config_compiles_for_gpu(family, arch, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(TRITON_CACHE_DIR=str(tmp_path), TRITON_DEFAULT_FP_FUSION="1", PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, "-m", "tests.kernels.aot_compile", family, str(arch)],
+    python = os.environ.get("FASTLM_AOT_PYTHON", sys.executable)
+    proc = subprocess.run([python, "-m", "tests.kernels.aot_compile", family, str(arch)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     records = [json.loads(line) for line in proc.stdout.splitlines()]
