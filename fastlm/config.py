@@ -1,0 +1,86 @@
+"""GPT-2 configuration: one dataclass, the family's presets, and the Hugging Face config.json mapping."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+# Fields of a Hugging Face GPT-2 config.json that must hold for the weights to mean what this model computes.
+_HF_REQUIRED = {"activation_function": ("gelu_new", "gelu_pytorch_tanh"), "scale_attn_weights": (True,),
+                "scale_attn_by_inverse_layer_idx": (False,), "reorder_and_upcast_attn": (False,),
+                "add_cross_attention": (False,)}
+
+
+@dataclass
+class GPTConfig:
+    """A GPT-2 model's shape. The four published sizes are `GPTConfig.preset(name)`."""
+
+    block_size: int = 1024        # context length (n_positions)
+    vocab_size: int = 50257
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    layer_norm_eps: float = 1e-5
+    dropout: float = 0.0          # on embeddings and residual branches (not on attention probabilities)
+
+    PRESETS = {
+        "gpt2": dict(n_layer=12, n_head=12, n_embd=768),           # 124M
+        "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),   # 350M
+        "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),    # 774M
+        "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),       # 1558M
+    }
+
+    def __post_init__(self):
+        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"GPTConfig: {name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"GPTConfig: n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"GPTConfig: dropout must be in [0, 1), got {self.dropout}")
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "GPTConfig":
+        if name not in cls.PRESETS:
+            raise ValueError(f"unknown GPT-2 preset {name!r}; choose one of {', '.join(cls.PRESETS)}")
+        return cls(**{**cls.PRESETS[name], **overrides})
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    def to_hf(self) -> dict:
+        """The config.json that transformers' GPT2LMHeadModel reads."""
+        eos = min(50256, self.vocab_size - 1)
+        return {
+            "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
+            "vocab_size": self.vocab_size, "n_positions": self.block_size, "n_ctx": self.block_size,
+            "n_embd": self.n_embd, "n_layer": self.n_layer, "n_head": self.n_head, "n_inner": None,
+            "activation_function": "gelu_new", "layer_norm_epsilon": self.layer_norm_eps,
+            "resid_pdrop": self.dropout, "embd_pdrop": self.dropout, "attn_pdrop": 0.0,
+            "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False,
+            "tie_word_embeddings": True, "bos_token_id": eos, "eos_token_id": eos,
+        }
+
+    @classmethod
+    def from_hf(cls, hf: dict, source: str = "config.json") -> "GPTConfig":
+        """Read a Hugging Face GPT-2 config.json; anything this model cannot compute is an error naming `source`."""
+        if hf.get("model_type") != "gpt2":
+            raise ValueError(f"{source}: model_type is {hf.get('model_type')!r}, not 'gpt2': not a GPT-2 checkpoint")
+        for key, allowed in _HF_REQUIRED.items():
+            if key in hf and hf[key] not in allowed:
+                raise ValueError(f"{source}: {key}={hf[key]!r} is not supported (expected {allowed[0]!r})")
+        n_embd = hf.get("n_embd", 768)
+        if hf.get("n_inner") not in (None, 4 * n_embd):
+            raise ValueError(f"{source}: n_inner={hf['n_inner']} is not supported (GPT-2's MLP is 4 x n_embd = {4 * n_embd})")
+        if hf.get("tie_word_embeddings", True) is False:
+            raise ValueError(f"{source}: tie_word_embeddings=false is not supported (GPT-2 ties its LM head)")
+        fields = dict(block_size=hf.get("n_positions", 1024), vocab_size=hf.get("vocab_size", 50257),
+                      n_layer=hf.get("n_layer", 12), n_head=hf.get("n_head", 12), n_embd=n_embd,
+                      layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5))
+        try:
+            return cls(**fields)
+        except ValueError as e:
+            raise ValueError(f"{source}: {e}") from None
+
+    def replace(self, **changes) -> "GPTConfig":
+        return dataclasses.replace(self, **changes)
