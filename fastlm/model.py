@@ -5,8 +5,8 @@ weights stored (out, in): weights.py transposes GPT-2's Conv1D (in, out) tensors
 
 backend="triton": kernels.layer_norm, kernels.attention and, for the loss, kernels.linear_cross_entropy (the
 (B*T, vocab) logits are never built). backend="torch": F.layer_norm, F.scaled_dot_product_attention and
-F.cross_entropy. backend="auto": triton for CUDA inputs, torch elsewhere. Triton on CPU needs the interpreter
-(TRITON_INTERPRET=1).
+F.cross_entropy. backend="auto": triton for CUDA inputs, torch elsewhere (also under the interpreter). backend="triton" on
+the CPU needs the interpreter (TRITON_INTERPRET=1).
 """
 from __future__ import annotations
 
@@ -151,12 +151,15 @@ class GPT(nn.Module):
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
 
     def _uses_triton(self, idx: Tensor) -> bool:
+        """auto: the kernels on CUDA, plain PyTorch elsewhere; triton: the kernels or a clear error."""
         if self.backend == "torch":
             return False
-        if self.backend == "triton" and not use_triton(idx):
+        if self.backend == "auto":
+            return idx.device.type == "cuda" and use_triton(idx)
+        if not use_triton(idx):
             raise RuntimeError(f"GPT(backend='triton') needs a CUDA device or TRITON_INTERPRET=1 on the CPU; "
                                f"the input is on {idx.device}: use backend='auto' or 'torch'")
-        return use_triton(idx)
+        return True
 
     def hidden_states(self, idx: Tensor, positions: Tensor | None = None, prefill: bool = False) -> tuple[Tensor, bool]:
         """Final-norm hidden states (B, T, C) and whether the Triton kernels ran.

@@ -1,0 +1,128 @@
+"""Training text: read, tokenised once into a cached uint16 memmap, split, and served as random windows.
+
+A corpus is a .txt file (one document), a directory of .txt files (one document each, sorted by path), or a
+.jsonl file with a "text" field per line; with no path, the documentation that ships with Python
+(`pydoc_data.topics`, about 170K GPT-2 tokens) so a first run needs no download. Documents are joined by
+`<|endoftext|>` and tokenised with the bundled GPT-2 tokenizer; the ids are cached as a uint16 file named by a
+hash of the text, so the next run with the same data skips tokenisation. The last `val_fraction` of the
+tokens is the validation split.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fastlm.tokenizer import Tokenizer
+
+CACHE_VERSION = "gpt2-bpe-v1"  # bump when tokenisation changes, so stale caches are not reused
+
+
+class DataError(ValueError):
+    """Unusable training data; the message names the file (and line)."""
+
+
+def read_documents(path: str | os.PathLike | None) -> list[str]:
+    if path is None:
+        from pydoc_data.topics import topics
+
+        return [topics[name] for name in sorted(topics)]
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: no such file or directory")
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*.txt") if p.is_file())
+        if not files:
+            raise DataError(f"{path}: no .txt files in this directory")
+        return [_read_text(f) for f in files]
+    if path.suffix == ".jsonl":
+        docs = []
+        for number, line in enumerate(_read_text(path).splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise DataError(f'{path}:{number}: expected an object with a "text" string')
+            docs.append(record["text"])
+        return docs
+    return [_read_text(path)]
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot be read ({e.strerror})") from None
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fastlm" / "tokens"
+
+
+def tokenize(documents: list[str], tokenizer: Tokenizer, cache_dir: str | os.PathLike | None = None) -> tuple[np.ndarray, str]:
+    """All documents as one uint16 token array (each followed by <|endoftext|>), and its content hash."""
+    digest = hashlib.sha256(CACHE_VERSION.encode())
+    for doc in documents:
+        digest.update(hashlib.sha256(doc.encode("utf-8")).digest())
+    key = digest.hexdigest()[:32]
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    file = cache / f"{key}.u16"
+    if file.is_file():
+        return np.memmap(file, dtype=np.uint16, mode="r"), key
+    ids = []
+    for doc_ids in tokenizer.encode_batch(documents):
+        ids.extend(doc_ids)
+        ids.append(tokenizer.eot_token)
+    if tokenizer.vocab_size > 2**16:
+        raise DataError(f"a vocabulary of {tokenizer.vocab_size} does not fit the uint16 token cache")
+    array = np.asarray(ids, dtype=np.uint16)
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp = file.with_suffix(f".tmp{os.getpid()}")
+        array.tofile(tmp)
+        os.replace(tmp, file)
+    except OSError:
+        pass  # an unwritable cache only costs tokenising again next time
+    return array, key
+
+
+@dataclass
+class Splits:
+    train: torch.Tensor  # int64 token ids
+    val: torch.Tensor
+    key: str             # content hash of the corpus
+
+
+def split(tokens: np.ndarray, key: str, seq_len: int, val_fraction: float, source: str) -> Splits:
+    n = len(tokens)
+    n_val = max(int(n * val_fraction), seq_len + 1)
+    if n - n_val < seq_len + 1 or n == 0:
+        raise DataError(f"{source}: {n} tokens is too little data for --seq-len {seq_len} "
+                        f"(need at least {2 * (seq_len + 1)}); add text or lower --seq-len")
+    ids = torch.from_numpy(np.asarray(tokens, dtype=np.int64))
+    return Splits(train=ids[: n - n_val], val=ids[n - n_val :], key=key)
+
+
+def random_windows(data: torch.Tensor, count: int, seq_len: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """`count` random windows: inputs (count, seq_len) and next-token targets (count, seq_len)."""
+    starts = torch.randint(len(data) - seq_len, (count,), generator=generator)
+    rows = starts[:, None] + torch.arange(seq_len + 1)
+    windows = data[rows]
+    return windows[:, :-1], windows[:, 1:]
+
+
+def eval_windows(data: torch.Tensor, count: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`count` evenly spaced windows over the validation split: the same every evaluation."""
+    starts = torch.linspace(0, len(data) - seq_len - 1, steps=count).long()
+    windows = data[starts[:, None] + torch.arange(seq_len + 1)]
+    return windows[:, :-1], windows[:, 1:]

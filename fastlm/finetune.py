@@ -1,0 +1,307 @@
+"""python -m fastlm.finetune --weights gpt2.safetensors --data corpus.txt: the lean fine-tuning loop.
+
+One step: `batch_size x grad_accum` random windows of `seq_len` tokens, the loss normalised over the step's
+whole token count (so accumulation 4 x batch 4 is batch 16), gradient clipping, AdamW (fused on CUDA; weight
+decay on matrices and embeddings only) on a warmup + cosine schedule. The loop syncs with the GPU only every
+`--log-every` steps; metrics.jsonl still records every step. Output (in --out): model.safetensors + config.json
+(transformers loads them), metrics.jsonl, and checkpoint.pt for --resume; every file is written to a
+temporary name and renamed, so an interrupted run never leaves a half-written file.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import resource
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from fastlm.cli import fail, parse_args
+from fastlm.config import GPTConfig
+from fastlm.data import DataError, eval_windows, random_windows, read_documents, split, tokenize
+from fastlm.model import BACKENDS, GPT
+from fastlm.tokenizer import get_tokenizer
+from fastlm.weights import WeightsError, _atomic_write
+
+SCRATCH_MODEL = GPTConfig(n_layer=4, n_head=4, n_embd=128, block_size=64)  # no --weights: small and quick on a CPU
+DTYPES = ("auto", "float32", "bfloat16")
+
+
+@dataclass
+class FinetuneConfig:
+    """Fine-tune GPT-2 on text (or train a small GPT-2 from scratch when no --weights is given)."""
+
+    weights: str | None = field(default=None, metadata={"help": "GPT-2 .safetensors file or directory; absent: a small model from scratch"})
+    data: str | None = field(default=None, metadata={"help": ".txt file, directory of .txt files, or .jsonl with a 'text' field; absent: Python's own documentation (pydoc_data)"})
+    out: str = field(default="out-finetune", metadata={"help": "output directory"})
+    max_steps: int = field(default=200, metadata={"help": "optimizer steps in all (a resumed run continues to this step)"})
+    batch_size: int = field(default=8, metadata={"help": "sequences per micro-batch"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    seq_len: int | None = field(default=None, metadata={"help": "tokens per sequence (default: the model's context, at most 1024)"})
+    lr: float = field(default=3e-4, metadata={"help": "peak learning rate"})
+    min_lr: float | None = field(default=None, metadata={"help": "learning rate at the end of the cosine (default: lr / 10)"})
+    warmup_steps: int = field(default=100, metadata={"help": "linear warmup steps (at most a tenth of max-steps)"})
+    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay on matrices and embeddings"})
+    grad_clip: float = field(default=1.0, metadata={"help": "clip the gradient norm to this (0: off)"})
+    eval_every: int = field(default=50, metadata={"help": "validation loss every N steps (and at the end)"})
+    eval_batches: int = field(default=4, metadata={"help": "micro-batches of validation windows per evaluation"})
+    save_every: int = field(default=100, metadata={"help": "checkpoint for --resume every N steps (and at the end)"})
+    log_every: int = field(default=10, metadata={"help": "read losses back from the device every N steps"})
+    seed: int = field(default=1337, metadata={"help": "random seed (model init, data order, sampling)"})
+    device: str = field(default="auto", metadata={"help": "cuda, cpu, ... (auto: cuda when available)"})
+    dtype: str = field(default="auto", metadata={"help": "auto: bfloat16 autocast on CUDA, float32 on CPU", "choices": DTYPES})
+    backend: str = field(default="auto", metadata={"help": "kernels: triton, torch, or auto", "choices": BACKENDS})
+    compile: bool | None = field(default=None, metadata={"help": "torch.compile the model (default: on for CUDA)"})
+    resume: bool = field(default=False, metadata={"help": "continue from OUT/checkpoint.pt"})
+    val_fraction: float = field(default=0.1, metadata={"help": "fraction of the tokens held out for validation"})
+    sample_tokens: int = field(default=64, metadata={"help": "tokens of the sample printed at the end (0: none)"})
+    cache_dir: str | None = field(default=None, metadata={"help": "token cache (default: ~/.cache/fastlm/tokens)"})
+
+
+# -----------------------------------------------------------------------------
+def validate(cfg: FinetuneConfig) -> None:
+    positive = dict(max_steps=cfg.max_steps, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, lr=cfg.lr,
+                    eval_every=cfg.eval_every, eval_batches=cfg.eval_batches, save_every=cfg.save_every, log_every=cfg.log_every)
+    for name, value in positive.items():
+        if value <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    if cfg.seq_len is not None and cfg.seq_len <= 0:
+        raise ValueError(f"--seq-len must be positive, got {cfg.seq_len}")
+    if cfg.min_lr is not None and not 0 <= cfg.min_lr <= cfg.lr:
+        raise ValueError(f"--min-lr must be in [0, lr={cfg.lr}], got {cfg.min_lr}")
+    for name, value in dict(warmup_steps=cfg.warmup_steps, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip,
+                            sample_tokens=cfg.sample_tokens).items():
+        if value < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must not be negative, got {value}")
+    if not 0 < cfg.val_fraction < 1:
+        raise ValueError(f"--val-fraction must be between 0 and 1, got {cfg.val_fraction}")
+
+
+def learning_rate(step: int, cfg: FinetuneConfig) -> float:
+    """Linear warmup (scaled down for short runs), then cosine decay to min_lr at max_steps."""
+    warmup = min(cfg.warmup_steps, cfg.max_steps // 10)
+    min_lr = cfg.lr / 10 if cfg.min_lr is None else cfg.min_lr
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, cfg.max_steps - warmup)
+    return min_lr + 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))) * (cfg.lr - min_lr)
+
+
+def make_optimizer(model: GPT, cfg: FinetuneConfig, device: torch.device) -> torch.optim.AdamW:
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8, fused=device.type == "cuda")
+
+
+def prepare_out(path: str) -> Path:
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: exists and is not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as e:
+        raise ValueError(f"--out {out}: cannot write there ({e.strerror})") from None
+    return out
+
+
+class Progress:
+    """A one-line bar on a terminal, plain log lines otherwise."""
+
+    def __init__(self, total: int, stream=sys.stderr):
+        self.total, self.stream, self.tty = total, stream, stream.isatty()
+
+    def update(self, step: int, loss: float, lr: float, tokens_per_s: float, seconds_left: float, val_loss=None) -> None:
+        val = f" val {val_loss:.4f}" if val_loss is not None else ""
+        eta = time.strftime("%H:%M:%S", time.gmtime(max(0.0, seconds_left)))
+        if self.tty:
+            filled = int(30 * step / self.total)
+            bar = "#" * filled + "." * (30 - filled)
+            self.stream.write(f"\rstep {step}/{self.total} [{bar}] loss {loss:.4f}{val} lr {lr:.2e} {tokens_per_s:,.0f} tok/s left {eta} ")
+        else:
+            self.stream.write(f"step {step}/{self.total} loss {loss:.4f}{val} lr {lr:.2e} {tokens_per_s:,.0f} tok/s left {eta}\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.tty:
+            self.stream.write("\n")
+
+
+# -----------------------------------------------------------------------------
+def run(cfg: FinetuneConfig) -> dict:
+    """Train as configured; returns the summary (also printed)."""
+    validate(cfg)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else torch.device(cfg.device)
+    autocast_dtype = torch.bfloat16 if cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda") else None
+    use_compile = device.type == "cuda" if cfg.compile is None else cfg.compile
+    out = prepare_out(cfg.out)
+    checkpoint_path = out / "checkpoint.pt"
+    torch.manual_seed(cfg.seed)
+    tokenizer = get_tokenizer()
+
+    checkpoint = None
+    if cfg.resume:
+        if not checkpoint_path.is_file():
+            raise ValueError(f"--resume: no checkpoint.pt in {out}")
+        try:
+            checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+        except Exception as e:
+            raise ValueError(f"{checkpoint_path}: unreadable checkpoint ({str(e).splitlines()[0]})") from None
+        model = GPT(GPTConfig(**checkpoint["model_config"]), backend=cfg.backend)
+        model.load_state_dict(checkpoint["model"])
+        print(f"resuming from {checkpoint_path} at step {checkpoint['step']}")
+    elif cfg.weights is not None:
+        model = GPT.from_pretrained(cfg.weights, backend=cfg.backend)
+        print(f"fine-tuning {cfg.weights}: {model.num_parameters() / 1e6:.1f}M parameters")
+    else:
+        model = GPT(SCRATCH_MODEL, backend=cfg.backend)
+        print(f"no --weights given: training a small GPT-2 from scratch ({SCRATCH_MODEL.n_layer} layers, "
+              f"{SCRATCH_MODEL.n_embd} wide, {model.num_parameters() / 1e6:.1f}M parameters)")
+    seq_len = cfg.seq_len or min(model.config.block_size, 1024)
+    if seq_len > model.config.block_size:
+        raise ValueError(f"--seq-len {seq_len} is longer than the model's context of {model.config.block_size} tokens")
+
+    source = cfg.data or "pydoc_data.topics (Python's documentation)"
+    tokens, data_key = tokenize(read_documents(cfg.data), tokenizer, cfg.cache_dir)
+    splits = split(tokens, data_key, seq_len, cfg.val_fraction, source)
+    print(f"data: {source}: {len(splits.train):,} training and {len(splits.val):,} validation tokens")
+
+    model.to(device)
+    optimizer = make_optimizer(model, cfg, device)
+    data_rng = torch.Generator().manual_seed(cfg.seed)
+    step, metrics = 0, []
+    if checkpoint is not None:
+        if checkpoint["data_key"] != data_key:
+            raise ValueError(f"--resume: the data differs from the checkpoint's ({source})")
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        step = checkpoint["step"]
+        data_rng.set_state(checkpoint["rng"]["data"])
+        torch.set_rng_state(checkpoint["rng"]["torch"])
+        if device.type == "cuda" and checkpoint["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
+        metrics = [m for m in _read_metrics(out / "metrics.jsonl") if m["step"] <= step]
+    if step >= cfg.max_steps:
+        raise ValueError(f"--max-steps {cfg.max_steps}: the checkpoint is already at step {step}")
+
+    train_model = torch.compile(model) if use_compile else model
+    autocast = lambda: torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * seq_len
+    val_x, val_y = eval_windows(splits.val, cfg.eval_batches * cfg.batch_size, seq_len)
+    progress = Progress(cfg.max_steps)
+    pending, last_time, first_step, start_time = [], time.perf_counter(), step, time.perf_counter()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    def evaluate() -> float:
+        model.eval()
+        total = torch.zeros((), device=device)
+        with torch.no_grad(), autocast():
+            for x, y in zip(val_x.split(cfg.batch_size), val_y.split(cfg.batch_size)):
+                total += train_model(x.to(device), y.to(device)).float()
+        model.train()
+        return (total / len(val_x.split(cfg.batch_size))).item()
+
+    model.train()
+    while step < cfg.max_steps:
+        lr = learning_rate(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        x, y = random_windows(splits.train, cfg.batch_size * cfg.grad_accum, seq_len, data_rng)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        count = (y != -100).sum().clamp(min=1)  # the step's target tokens: each micro-batch weighs its share
+        step_loss = torch.zeros((), device=device)
+        for xm, ym in zip(x.split(cfg.batch_size), y.split(cfg.batch_size)):
+            with autocast():
+                loss = train_model(xm, ym).float() * ((ym != -100).sum() / count)
+            loss.backward()
+            step_loss += loss.detach()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        pending.append((step, step_loss, lr))
+
+        evaluating = step % cfg.eval_every == 0 or step == cfg.max_steps
+        saving = step % cfg.save_every == 0 or step == cfg.max_steps
+        if step % cfg.log_every == 0 or evaluating or saving:
+            losses = torch.stack([loss for _, loss, _ in pending]).tolist()  # the only host sync of the interval
+            now = time.perf_counter()
+            tokens_per_s = tokens_per_step * len(pending) / (now - last_time)
+            for (s, _, step_lr), value in zip(pending, losses):
+                metrics.append(dict(step=s, loss=value, lr=step_lr, tokens_per_s=round(tokens_per_s, 1)))
+            pending, last_time = [], now
+            if evaluating:
+                metrics[-1]["val_loss"] = evaluate()
+                last_time = time.perf_counter()  # evaluation time is not training throughput
+            seconds_left = (now - start_time) / (step - first_step) * (cfg.max_steps - step)
+            progress.update(step, metrics[-1]["loss"], lr, tokens_per_s, seconds_left, metrics[-1].get("val_loss"))
+            _write_metrics(out / "metrics.jsonl", metrics)
+        if saving:
+            rng = {"data": data_rng.get_state(), "torch": torch.get_rng_state(),
+                   "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else None}
+            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "rng": rng,
+                     "model_config": dataclasses.asdict(model.config), "data_key": data_key, "finetune_config": dataclasses.asdict(cfg)}
+            _atomic_write(checkpoint_path, lambda tmp: torch.save(state, tmp))
+    progress.close()
+    model.save_pretrained(out)
+    return _summary(model, metrics, cfg, device, start_time, first_step, tokens_per_step, tokenizer, out)
+
+
+def _read_metrics(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _write_metrics(path: Path, metrics: list[dict]) -> None:
+    _atomic_write(path, lambda tmp: Path(tmp).write_text("".join(json.dumps(m) + "\n" for m in metrics)))
+
+
+def _summary(model, metrics, cfg, device, start_time, first_step, tokens_per_step, tokenizer, out) -> dict:
+    elapsed = time.perf_counter() - start_time
+    val_losses = [m["val_loss"] for m in metrics if "val_loss" in m]
+    recent = [m["loss"] for m in metrics[-10:]]
+    train_loss = sum(recent) / len(recent)
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device) / 2**30
+        memory = f"{peak:.2f} GiB peak GPU memory"
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        memory = f"{peak:.2f} GiB peak process memory"
+    summary = dict(steps=metrics[-1]["step"], train_loss=train_loss, train_ppl=math.exp(train_loss),
+                   val_loss=val_losses[-1], val_ppl=math.exp(val_losses[-1]),
+                   tokens_per_s=tokens_per_step * (metrics[-1]["step"] - first_step) / elapsed, peak_memory_gib=peak)
+    print(f"done: {summary['steps']} steps; train loss {train_loss:.4f} (ppl {summary['train_ppl']:.1f}), "
+          f"val loss {summary['val_loss']:.4f} (ppl {summary['val_ppl']:.1f}); {summary['tokens_per_s']:,.0f} tokens/s "
+          f"overall; {memory}; saved to {out}/model.safetensors")
+    if cfg.sample_tokens > 0:
+        torch.manual_seed(cfg.seed)
+        n = min(cfg.sample_tokens, model.config.block_size - 1)
+        start = torch.tensor([[tokenizer.eot_token % model.config.vocab_size]], device=device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            sample = model.generate(start, n, temperature=0.8, top_k=200)
+        print("sample:", tokenizer.decode(sample[0, 1:].tolist()).strip()[:1000])
+    return summary
+
+
+def main(argv=None) -> None:
+    cfg = parse_args(FinetuneConfig, argv, prog="python -m fastlm.finetune")
+    try:
+        run(cfg)
+    except (ValueError, OSError) as e:  # WeightsError and DataError are ValueErrors: bad input, said in one line
+        fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    except KeyboardInterrupt:
+        fail("interrupted; the last checkpoint in --out is intact (continue with --resume)")
+
+
+if __name__ == "__main__":
+    main()
