@@ -9,6 +9,8 @@ import sys
 import types
 import typing
 
+import torch
+
 
 def _base_type(hint):
     """int for `int`, `int | None` and `Optional[int]`."""
@@ -44,3 +46,15 @@ def parse_args(cls, argv=None, prog: str | None = None):
 def fail(message: str) -> typing.NoReturn:
     print(f"error: {message}", file=sys.stderr)
     raise SystemExit(2)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {name!r} is not a device (try cpu, cuda, cuda:1)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine")
+    return device

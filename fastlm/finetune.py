@@ -22,12 +22,13 @@ from pathlib import Path
 
 import torch
 
-from fastlm.cli import fail, parse_args
+from fastlm.cli import fail, parse_args, resolve_device
 from fastlm.config import GPTConfig
 from fastlm.data import DataError, eval_windows, random_windows, read_documents, split, tokenize
 from fastlm.model import BACKENDS, GPT
 from fastlm.tokenizer import get_tokenizer
-from fastlm.weights import WeightsError, _atomic_write
+from fastlm.weights import _atomic_write
+from kernels._utils import use_triton
 
 SCRATCH_MODEL = GPTConfig(n_layer=4, n_head=4, n_embd=128, block_size=64)  # no --weights: small and quick on a CPU
 DTYPES = ("auto", "float32", "bfloat16")
@@ -59,6 +60,7 @@ class FinetuneConfig:
     backend: str = field(default="auto", metadata={"help": "kernels: triton, torch, or auto", "choices": BACKENDS})
     compile: bool | None = field(default=None, metadata={"help": "torch.compile the model (default: on for CUDA)"})
     resume: bool = field(default=False, metadata={"help": "continue from OUT/checkpoint.pt"})
+    overwrite: bool = field(default=False, metadata={"help": "replace an earlier run's files in --out instead of refusing"})
     val_fraction: float = field(default=0.1, metadata={"help": "fraction of the tokens held out for validation"})
     sample_tokens: int = field(default=64, metadata={"help": "tokens of the sample printed at the end (0: none)"})
     cache_dir: str | None = field(default=None, metadata={"help": "token cache (default: ~/.cache/fastlm/tokens)"})
@@ -100,10 +102,18 @@ def make_optimizer(model: GPT, cfg: FinetuneConfig, device: torch.device) -> tor
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8, fused=device.type == "cuda")
 
 
-def prepare_out(path: str) -> Path:
+RUN_FILES = ("checkpoint.pt", "metrics.jsonl", "model.safetensors")
+RESUME_MUST_MATCH = ("batch_size", "grad_accum", "seq_len", "seed", "val_fraction")  # they change the data stream
+
+
+def prepare_out(path: str, resume: bool = False, overwrite: bool = False) -> Path:
     out = Path(path)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out}: exists and is not a directory")
+    earlier = [name for name in RUN_FILES if (out / name).exists()]
+    if earlier and not resume and not overwrite:
+        raise ValueError(f"--out {out} already holds {earlier[0]}: continue it with --resume, replace it with --overwrite, "
+                         f"or choose another --out")
     try:
         out.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=out):
@@ -139,10 +149,12 @@ class Progress:
 def run(cfg: FinetuneConfig) -> dict:
     """Train as configured; returns the summary (also printed)."""
     validate(cfg)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else torch.device(cfg.device)
+    device = resolve_device(cfg.device)
+    if cfg.backend == "triton" and not use_triton(torch.empty(0, device=device)):
+        raise ValueError(f"--backend triton needs a CUDA device (or TRITON_INTERPRET=1 on the CPU); this run is on {device}")
     autocast_dtype = torch.bfloat16 if cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda") else None
     use_compile = device.type == "cuda" if cfg.compile is None else cfg.compile
-    out = prepare_out(cfg.out)
+    out = prepare_out(cfg.out, cfg.resume, cfg.overwrite)
     checkpoint_path = out / "checkpoint.pt"
     torch.manual_seed(cfg.seed)
     tokenizer = get_tokenizer()
@@ -153,18 +165,28 @@ def run(cfg: FinetuneConfig) -> dict:
             raise ValueError(f"--resume: no checkpoint.pt in {out}")
         try:
             checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+            model = GPT(GPTConfig(**checkpoint["model_config"]), backend=cfg.backend)
+            model.load_state_dict(checkpoint["model"])
+            saved = checkpoint["finetune_config"]
         except Exception as e:
-            raise ValueError(f"{checkpoint_path}: unreadable checkpoint ({str(e).splitlines()[0]})") from None
-        model = GPT(GPTConfig(**checkpoint["model_config"]), backend=cfg.backend)
-        model.load_state_dict(checkpoint["model"])
+            raise ValueError(f"{checkpoint_path}: not a fastlm fine-tuning checkpoint ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+        changed = [name for name in RESUME_MUST_MATCH if saved.get(name) != getattr(cfg, name)]
+        if changed:
+            name = changed[0]
+            raise ValueError(f"--resume: --{name.replace('_', '-')} is {getattr(cfg, name)} but the checkpoint was trained with "
+                             f"{saved.get(name)}; resume with the same value")
         print(f"resuming from {checkpoint_path} at step {checkpoint['step']}")
     elif cfg.weights is not None:
-        model = GPT.from_pretrained(cfg.weights, backend=cfg.backend)
+        # fp32 master weights whatever the file holds: low precision comes from autocast, and AdamW updates stay exact
+        model = GPT.from_pretrained(cfg.weights, backend=cfg.backend, dtype=torch.float32)
         print(f"fine-tuning {cfg.weights}: {model.num_parameters() / 1e6:.1f}M parameters")
     else:
         model = GPT(SCRATCH_MODEL, backend=cfg.backend)
         print(f"no --weights given: training a small GPT-2 from scratch ({SCRATCH_MODEL.n_layer} layers, "
               f"{SCRATCH_MODEL.n_embd} wide, {model.num_parameters() / 1e6:.1f}M parameters)")
+    if model.config.vocab_size < tokenizer.vocab_size:
+        raise ValueError(f"the model's vocabulary of {model.config.vocab_size} is smaller than the GPT-2 tokenizer's "
+                         f"{tokenizer.vocab_size}: not a GPT-2 vocabulary")
     seq_len = cfg.seq_len or min(model.config.block_size, 1024)
     if seq_len > model.config.block_size:
         raise ValueError(f"--seq-len {seq_len} is longer than the model's context of {model.config.block_size} tokens")
@@ -297,7 +319,7 @@ def main(argv=None) -> None:
     cfg = parse_args(FinetuneConfig, argv, prog="python -m fastlm.finetune")
     try:
         run(cfg)
-    except (ValueError, OSError) as e:  # WeightsError and DataError are ValueErrors: bad input, said in one line
+    except (ValueError, OSError) as e:  # WeightsError and DataError are ValueErrors too: bad input, said in one line
         fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
     except KeyboardInterrupt:
         fail("interrupted; the last checkpoint in --out is intact (continue with --resume)")

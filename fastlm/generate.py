@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fastlm.cli import fail, parse_args
+from fastlm.cli import fail, parse_args, resolve_device
 from fastlm.model import BACKENDS, GPT
 from fastlm.tokenizer import get_tokenizer
 from fastlm.weights import WeightsError
@@ -22,7 +22,7 @@ class GenerateConfig:
     prompt: str = field(default="\n", metadata={"help": "text to continue"})
     max_new_tokens: int = field(default=100, metadata={"help": "tokens to generate (prompt + new must fit the context)"})
     temperature: float = field(default=0.8, metadata={"help": "0 for greedy decoding"})
-    top_k: int | None = field(default=200, metadata={"help": "sample among the k most likely tokens"})
+    top_k: int = field(default=200, metadata={"help": "sample among the k most likely tokens (0: all)"})
     top_p: float | None = field(default=None, metadata={"help": "nucleus sampling: the smallest set with this probability"})
     num_samples: int = field(default=1, metadata={"help": "independent continuations of the prompt"})
     seed: int = field(default=1337, metadata={"help": "random seed"})
@@ -53,16 +53,20 @@ def main(argv=None) -> None:
         fail("--weights is required: a GPT-2 .safetensors file or a directory holding model.safetensors")
     if cfg.num_samples < 1:
         fail(f"--num-samples must be at least 1, got {cfg.num_samples}")
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else "cpu" if cfg.device == "auto" else cfg.device)
     if cfg.dtype != "auto" and cfg.dtype not in DTYPES:
         fail(f"--dtype must be one of auto, {', '.join(DTYPES)}; got {cfg.dtype!r}")
-    dtype = DTYPES.get(cfg.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if cfg.top_k < 0:
+        fail(f"--top-k must be 0 (off) or positive, got {cfg.top_k}")
     try:
+        device = resolve_device(cfg.device)
+        dtype = DTYPES.get(cfg.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
         tokenizer = get_tokenizer(cfg.tokenizer)
         model = GPT.from_pretrained(cfg.weights, backend=cfg.backend, device=device, dtype=dtype).eval()
         prompt = tokenizer.encode(cfg.prompt)
         if not prompt:
             fail("--prompt is empty: give at least one character")
+        if max(prompt) >= model.config.vocab_size:
+            fail(f"the model's vocabulary of {model.config.vocab_size} does not cover the prompt's tokens (GPT-2 has 50257)")
         torch.manual_seed(cfg.seed)
         idx = torch.tensor([prompt], device=device)
         for sample in range(cfg.num_samples):
@@ -70,7 +74,7 @@ def main(argv=None) -> None:
                 print(f"--- sample {sample + 1}")
             sys.stdout.write(cfg.prompt)
             printer = _Printer(tokenizer)
-            for token in model.generate_stream(idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p,
+            for token in model.generate_stream(idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k or None, cfg.top_p,
                                                eos_token_id=tokenizer.eot_token if tokenizer.eot_token < model.config.vocab_size else None):
                 printer.add(int(token[0, 0]))
             print()

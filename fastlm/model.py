@@ -241,6 +241,7 @@ class GPT(nn.Module):
             x, _ = self.hidden_states(idx, torch.arange(T, device=idx.device), prefill=True)
             logits = self.lm_head(x[:, -1:])  # only the last position's logits are needed
             finished = torch.zeros(B, dtype=torch.bool, device=idx.device)
+            position = torch.tensor([T], device=idx.device)  # stays on the device: no host copy per step
             for step in range(max_new_tokens):
                 token = sample(logits[:, -1], temperature, top_k, top_p)
                 if eos_token_id is not None:
@@ -249,7 +250,8 @@ class GPT(nn.Module):
                 yield token
                 if step + 1 == max_new_tokens or (eos_token_id is not None and bool(finished.all())):
                     break
-                logits = self.forward_cached(token, torch.tensor([T + step], device=idx.device))
+                logits = self.forward_cached(token, position)
+                position += 1
         finally:
             self.clear_kv_cache()
             self.train(was_training)

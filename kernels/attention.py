@@ -18,7 +18,7 @@ attention); another owns a block of queries and sums dQ. No atomics: gradients a
 Limits: q (B, H, T, D), k and v (B, Hkv, S, D) with H a multiple of Hkv (GQA/MQA read k/v in place), the
 layout of F.scaled_dot_product_attention; any T, S >= 1; D <= 256 (padded to a power of two internally);
 any strides (views split from a fused qkv projection go in without a copy); fp32, fp16, bf16, all three the
-same dtype. fp32 matmuls use full-precision FMA, not TF32. No dropout and no arbitrary masks. Off Triton
+same dtype; B*H <= 65535 and T*stride(T) < 2^31 within one head (offsets inside a head are int32). fp32 matmuls use full-precision FMA, not TF32. No dropout and no arbitrary masks. Off Triton
 (CPU without the interpreter) `attention` runs `attention_ref` (SDPA with the same mask).
 """
 from __future__ import annotations
@@ -392,6 +392,8 @@ def _check_args(q: Tensor, k: Tensor, v: Tensor) -> None:
         raise ValueError(f"attention: q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
     if not 1 <= q.shape[3] <= 256:
         raise ValueError(f"attention: head dim must be in [1, 256], got {q.shape[3]}")
+    if q.shape[0] * q.shape[1] > 65535:  # B*H is a CUDA grid axis, capped at 65535
+        raise ValueError(f"attention: batch x heads = {q.shape[0] * q.shape[1]} exceeds 65535; split the batch")
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale: float | None = None) -> Tensor:

@@ -102,6 +102,7 @@ def launch_config(V: int) -> dict:
 
 def _ce_fwd_launch(logits: Tensor, target: Tensor, ignore_index: int, label_smoothing: float, z_loss: float):
     N, V = logits.shape
+    target = target.contiguous()  # the kernels index targets as contiguous
     loss = torch.empty(N, dtype=torch.float32, device=logits.device)
     lse = torch.empty(N, dtype=torch.float32, device=logits.device)
     if N > 0:
@@ -115,6 +116,7 @@ def _ce_fwd_launch(logits: Tensor, target: Tensor, ignore_index: int, label_smoo
 def _ce_bwd_launch(dloss: Tensor, logits: Tensor, target: Tensor, lse: Tensor, out: Tensor,
                    ignore_index: int, label_smoothing: float, z_loss: float) -> Tensor:
     N, V = logits.shape
+    target = target.contiguous()
     cfg = launch_config(V)
     if N > 0:
         _cross_entropy_bwd_kernel[(N, triton.cdiv(V, cfg["BLOCK_V"]))](
@@ -252,7 +254,7 @@ def _linear_ce_chunks(x: Tensor, weight: Tensor, bias: Optional[Tensor], target:
     b = None if bias is None else bias.to(x.dtype)
     losses = torch.empty(N, dtype=torch.float32, device=x.device)
     want_grad = row_grad is not None
-    dx = torch.empty_like(x) if want_grad else x.new_empty(0)
+    dx = x.new_empty(x.shape) if want_grad else x.new_empty(0)
     dw_acc = torch.zeros((V, C) if want_grad else (0,), dtype=torch.float32, device=x.device)
     db_acc = torch.zeros(V if want_grad and bias is not None else 0, dtype=torch.float32, device=x.device)
     rows = chunk_rows(N, C, V)
@@ -293,7 +295,8 @@ def _linear_ce_fwd(
         check_triton_device("fastlm::linear_cross_entropy_fwd", x, weight, bias, target)
     precompute = with_grad and reduction != "none"
     row_grad = _row_grad(torch.ones((), device=x.device), target, ignore_index, reduction) if precompute else None
-    losses, dx, dw, db = _linear_ce_chunks(x, weight, bias, target, row_grad, ignore_index, label_smoothing, z_loss)
+    with torch.autocast(x.device.type, enabled=False):  # the matmuls run in x's dtype, whatever the caller's autocast
+        losses, dx, dw, db = _linear_ce_chunks(x, weight, bias, target, row_grad, ignore_index, label_smoothing, z_loss)
     return _reduce(losses, target, ignore_index, reduction, torch.float32), dx, dw, db
 
 
@@ -301,8 +304,8 @@ def _linear_ce_fwd(
 def _(x, weight, bias, target, ignore_index, label_smoothing, z_loss, reduction, with_grad):
     precompute = with_grad and reduction != "none"
     loss = x.new_empty(x.shape[:1] if reduction == "none" else (), dtype=torch.float32)
-    dx = torch.empty_like(x) if precompute else x.new_empty(0)
-    dw = torch.empty_like(weight) if precompute else weight.new_empty(0)
+    dx = x.new_empty(x.shape) if precompute else x.new_empty(0)  # contiguous, as the real op's
+    dw = weight.new_empty(weight.shape) if precompute else weight.new_empty(0)
     bias_dtype = weight.dtype if bias is None else bias.dtype
     db = x.new_empty(weight.shape[0] if precompute and bias is not None else 0, dtype=bias_dtype)
     return loss, dx, dw, db
@@ -314,14 +317,15 @@ def _linear_ce_bwd(
     label_smoothing: float, z_loss: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of sum_i row_grad_i * loss_i, recomputing each chunk's logits."""
-    _, dx, dw, db = _linear_ce_chunks(x, weight, bias, target, row_grad, ignore_index, label_smoothing, z_loss)
+    with torch.autocast(x.device.type, enabled=False):
+        _, dx, dw, db = _linear_ce_chunks(x, weight, bias, target, row_grad, ignore_index, label_smoothing, z_loss)
     return dx, dw, db
 
 
 @_linear_ce_bwd.register_fake
 def _(row_grad, x, weight, bias, target, ignore_index, label_smoothing, z_loss):
     bias_dtype = weight.dtype if bias is None else bias.dtype
-    return torch.empty_like(x), torch.empty_like(weight), x.new_empty(0 if bias is None else weight.shape[0], dtype=bias_dtype)
+    return x.new_empty(x.shape), weight.new_empty(weight.shape), x.new_empty(0 if bias is None else weight.shape[0], dtype=bias_dtype)
 
 
 def _linear_ce_setup_context(ctx, inputs, output):

@@ -206,6 +206,10 @@ def launch_config(N: int, backward: bool = False) -> dict:
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, SINGLE_PASS=single_pass, num_warps=num_warps)
 
 
+def _dense(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.contiguous()
+
+
 def _as_rows(t: Tensor) -> Tensor:
     """(..., N) -> (M, N), a view whenever the strides allow it (the kernels take any 2-D strides)."""
     return t.reshape(-1, t.shape[-1])
@@ -216,6 +220,7 @@ def _norm_fwd(
     x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, is_rms: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
     check_triton_device("fastlm::layer_norm_fwd", x, weight, bias)
+    weight, bias = _dense(weight), _dense(bias)  # the kernels index parameters as contiguous
     x2 = _as_rows(x)
     M, N = x2.shape
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
@@ -245,6 +250,7 @@ def _norm_bwd(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Returns dx, dweight, dbias; an absent weight or bias gets an empty gradient (autograd maps it to None)."""
     check_triton_device("fastlm::layer_norm_bwd", dy, x, weight)
+    weight = _dense(weight)
     x2, dy2 = _as_rows(x), _as_rows(dy)
     M, N = x2.shape
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)

@@ -150,11 +150,21 @@ def test_bad_data_files(tmp_path):
     (["--max-steps", "-1"], "--max-steps must be positive"),
     (["--out", "{tmp}/a_file"], "exists and is not a directory"),
     (["--resume"], "no checkpoint.pt"),
-])
+    (["--device", "foo"], "is not a device"),
+    (["--weights", "{tmp}/small_vocab"], "smaller than the GPT-2 tokenizer's 50257"),
+    (["--out", "{tmp}/earlier_run"], "already holds checkpoint.pt"),
+    (["--out", "{tmp}/foreign", "--resume"], "not a fastlm fine-tuning checkpoint"),
+] + ([] if torch.cuda.is_available() else [(["--device", "cuda"], "CUDA is not available")]))
 def test_bad_input_exits_2_with_one_line(checkpoint, corpus, tmp_path, capsys, args, message):
     (tmp_path / "corrupt.safetensors").write_bytes(b"\x00" * 100)
     (tmp_path / "empty.txt").write_text("")
     (tmp_path / "a_file").write_text("keep")
+    make_hf_model(n_embd=16, n_head=1, n_layer=1, vocab_size=101).save_pretrained(tmp_path / "small_vocab")
+    (tmp_path / "earlier_run").mkdir()
+    (tmp_path / "earlier_run" / "checkpoint.pt").write_text("an earlier run")
+    (tmp_path / "foreign").mkdir()
+    torch.save({"something": "else"}, tmp_path / "foreign" / "checkpoint.pt")
+    capsys.readouterr()  # drop what the set-up printed
     base = ["--weights", str(checkpoint), "--data", str(corpus), "--out", str(tmp_path / "out"), "--device", "cpu",
             "--max-steps", "1", "--seq-len", "16", "--cache-dir", str(tmp_path / "cache")]
     with pytest.raises(SystemExit) as info:
@@ -163,3 +173,19 @@ def test_bad_input_exits_2_with_one_line(checkpoint, corpus, tmp_path, capsys, a
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err, err
     assert (tmp_path / "a_file").read_text() == "keep"
+    assert (tmp_path / "earlier_run" / "checkpoint.pt").read_text() == "an earlier run"
+
+
+def test_resume_refuses_changed_data_settings_and_overwrite_replaces(checkpoint, corpus, tmp_path, capsys):
+    run(config(checkpoint, corpus, tmp_path, max_steps=2))
+    with pytest.raises(ValueError, match="--batch-size is 2 but the checkpoint was trained with 4"):
+        run(config(checkpoint, corpus, tmp_path, max_steps=4, batch_size=2, resume=True))
+    run(config(checkpoint, corpus, tmp_path, max_steps=3, overwrite=True))
+    assert [m["step"] for m in read_metrics(tmp_path / "out")] == [1, 2, 3]
+
+
+def test_half_precision_weights_train_in_fp32(checkpoint, corpus, tmp_path):
+    """A bf16 checkpoint is fine-tuned with fp32 master weights (autocast gives the low precision)."""
+    GPT.from_pretrained(checkpoint, dtype=torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    run(config(tmp_path / "bf16", corpus, tmp_path, max_steps=2))
+    assert GPT.from_pretrained(tmp_path / "out").lm_head.weight.dtype == torch.float32

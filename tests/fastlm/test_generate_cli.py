@@ -29,7 +29,9 @@ def test_greedy_continuation_is_printed(tmp_path):
 
 def test_bad_input_is_one_line_and_exit_2(tmp_path):
     for args, message in [((), "--weights is required"), (("--weights", str(tmp_path / "none")), "no such file"),
-                          (("--weights", str(tmp_path), "--dtype", "int8"), "--dtype must be one of")]:
+                          (("--weights", str(tmp_path), "--dtype", "int8"), "--dtype must be one of"),
+                          (("--weights", str(tmp_path), "--device", "foo"), "is not a device"),
+                          (("--weights", str(tmp_path), "--top-k", "-1"), "--top-k must be")]:
         proc = run(*args)
         assert proc.returncode == 2, proc.stderr
         assert proc.stderr.count("\n") == 1 and message in proc.stderr, proc.stderr

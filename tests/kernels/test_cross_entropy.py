@@ -101,6 +101,17 @@ def test_non_contiguous_logits():
             torch.testing.assert_close(o, r, atol=1e-5, rtol=1e-5)
 
 
+def test_strided_targets():
+    logits, _ = make_logits(6, 50, torch.float32)
+    target = torch.randint(0, 50, (6, 3), device=DEVICE)[:, 0]  # stride 3
+    ours, ref = loss_and_grad(cross_entropy, logits, target, reduction="none"), loss_and_grad(F.cross_entropy, logits, target, reduction="none")
+    for o, r in zip(ours, ref):
+        torch.testing.assert_close(o, r, atol=1e-5, rtol=1e-5)
+    x, w, _, t = linear_inputs(6, 8, 50, torch.float32, False)
+    strided = t.repeat_interleave(2)[::2]
+    torch.testing.assert_close(linear_cross_entropy(x, w, strided), unfused(x, w, None, t), atol=1e-5, rtol=1e-5)
+
+
 def test_bad_arguments_raise_clear_errors():
     logits = torch.randn(4, 10, device=DEVICE)
     with pytest.raises(ValueError, match="target must be"):
@@ -193,6 +204,29 @@ def test_linear_frozen_weight_fp32_with_half_input():
     ref = unfused(x.detach().float(), w, None, target)
     assert loss.dtype == x.grad.dtype == torch.bfloat16
     torch.testing.assert_close(loss.float(), ref, atol=2e-2, rtol=2e-2)
+
+
+def test_linear_under_autocast_in_eager_mode():
+    """Called inside torch.autocast (as a training loop does) with an fp32 head: runs in x's dtype, no crash."""
+    x, w, _, target = linear_inputs(16, 8, 100, torch.float32, False)
+    x = x.detach().bfloat16().requires_grad_()
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        loss = linear_cross_entropy(x, w, target)
+    loss.backward()
+    assert x.grad.dtype == torch.bfloat16 and w.grad.dtype == torch.float32
+    torch.testing.assert_close(loss.float(), unfused(x.detach().float(), w.detach(), None, target), atol=3e-2, rtol=3e-2)
+
+
+def test_linear_transposed_weight_under_compile():
+    """A weight that is a transposed view: the op's fake gradients must have the real ones' (contiguous) strides."""
+    x, w, _, target = linear_inputs(12, 8, 40, torch.float32, False)
+    w_t = w.detach().t().contiguous().requires_grad_()
+    fn = lambda x, w_t: linear_cross_entropy(x, w_t.t(), target)
+    torch.library.opcheck(_linear_ce_fwd, (x, w_t.t(), None, target, -100, 0.0, 0.0, "mean", True))
+    eager = torch.autograd.grad(fn(x, w_t), (x, w_t))
+    compiled = torch.autograd.grad(torch.compile(fn, fullgraph=True)(x, w_t), (x, w_t))
+    for e, c in zip(eager, compiled):
+        torch.testing.assert_close(c, e, atol=1e-6, rtol=1e-6)
 
 
 def test_linear_torch_compile_fullgraph_matches_eager():

@@ -74,6 +74,16 @@ def test_non_contiguous_inputs(kind):
         torch.testing.assert_close(torch.autograd.grad(ours, inp, dy)[0], torch.autograd.grad(ref, inp, dy)[0], atol=1e-5, rtol=1e-5)
 
 
+def test_strided_weight_and_bias():
+    x = torch.randn(5, 40, device=DEVICE)
+    wb = torch.randn(40, 2, device=DEVICE, requires_grad=True)
+    w, b = wb[:, 0], wb[:, 1]  # stride 2
+    for ours, ref in [(layer_norm(x, w, b), torch_ln(x, w, b)), (rms_norm(x, w), torch_rms(x, w))]:
+        torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+        dy = torch.randn_like(ours)
+        torch.testing.assert_close(torch.autograd.grad(ours, wb, dy)[0], torch.autograd.grad(ref, wb, dy)[0], atol=1e-5, rtol=1e-5)
+
+
 def test_weight_gradient_is_deterministic():
     x, w, b, dy = make_inputs((333, 771), torch.float32, "ln")
     grads = [torch.autograd.grad(layer_norm(x, w, b), (w, b), dy) for _ in range(3)]
