@@ -2,7 +2,7 @@
 
 A corpus is a .txt file (one document), a directory of .txt files (one document each, sorted by path), or a
 .jsonl file with a "text" field per line; with no path, the documentation that ships with Python
-(`pydoc_data.topics`, about 170K GPT-2 tokens) so a first run needs no download. Documents are joined by
+(`pydoc_data.topics`, about 140K GPT-2 tokens) so a first run needs no download. Documents are joined by
 `<|endoftext|>` and tokenised with the bundled GPT-2 tokenizer; the ids are cached as a uint16 file named by a
 hash of the text, so the next run with the same data skips tokenisation. The last `val_fraction` of the
 tokens is the validation split.

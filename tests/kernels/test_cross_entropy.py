@@ -260,7 +260,7 @@ def test_linear_peak_memory_is_bounded_by_the_chunk(monkeypatch):
     """N=16384 tokens, V=50257 (GPT-2): forward+backward peak against the unfused path's logits.
 
     Runs the chunked PyTorch path (the same chunking as the Triton path, CPU without the interpreter) at full
-    size. Measured here (2026-11-22, CPU): 49 MiB peak for the fused path (C=64: gradients 38 MiB + one chunk of
+    size. Measured here (2026-11-22, CPU): 49 MiB peak for the fused path (C=64; most of it the gradients, plus one chunk of
     fp32 logits), where the unfused path's fp32 logits alone are 3141 MiB and its peak was 9423 MiB.
     """
     monkeypatch.setattr("kernels._utils.interpreting", lambda: False)
