@@ -1,4 +1,4 @@
-"""The GPT-2 byte-level BPE tokenizer, bundled (fastlm/assets/gpt2-bpe: OpenAI's published vocabulary).
+"""The GPT-2 byte-level BPE tokenizer, bundled (fastlm/assets/gpt2-bpe: OpenAI's published vocabulary, gzipped).
 
 Built with Hugging Face `tokenizers` exactly as GPT-2's: the GPT-2 pre-tokenisation regex over bytes mapped to
 unicode, 50000 merges, 50257 ids; `<|endoftext|>` (50256) is a special token, so the text "<|endoftext|>" encodes
@@ -6,6 +6,8 @@ to that one id, as Hugging Face's GPT2TokenizerFast does.
 """
 from __future__ import annotations
 
+import gzip
+import json
 import os
 from pathlib import Path
 
@@ -41,7 +43,13 @@ class Tokenizer:
 
 
 def _from_bpe_files(vocab: Path, merges: Path) -> Tokenizer:
-    tok = _HFTokenizer(models.BPE.from_file(str(vocab), str(merges)))
+    """vocab.json + merges.txt (or OpenAI's encoder.json + vocab.bpe), either of them possibly gzipped."""
+    opener = lambda p: gzip.open(p, "rt", encoding="utf-8") if p.suffix == ".gz" else open(p, encoding="utf-8")
+    with opener(vocab) as f:
+        ids = json.load(f)
+    with opener(merges) as f:
+        pairs = [tuple(line.split()) for line in f.read().splitlines() if line and not line.startswith("#version")]
+    tok = _HFTokenizer(models.BPE(ids, pairs))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens([EOT])
@@ -52,7 +60,7 @@ def get_tokenizer(path: str | os.PathLike | None = None) -> Tokenizer:
     """The bundled GPT-2 tokenizer, or one from `path`: a tokenizer.json, or a directory holding tokenizer.json,
     vocab.json + merges.txt (Hugging Face's names) or encoder.json + vocab.bpe (OpenAI's)."""
     if path is None:
-        return _from_bpe_files(ASSETS / "encoder.json", ASSETS / "vocab.bpe")
+        return _from_bpe_files(ASSETS / "encoder.json.gz", ASSETS / "vocab.bpe.gz")
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such tokenizer file or directory")

@@ -1,4 +1,5 @@
 """The bundled GPT-2 tokenizer: published encodings, transformers' GPT-2 tokenizer on mixed text, other sources."""
+import gzip
 import shutil
 
 import pytest
@@ -17,9 +18,17 @@ def test_known_encodings():
     assert tok.encode("a<|endoftext|>b") == [64, 50256, 65]
 
 
-def test_mixed_unicode_matches_transformers_and_round_trips():
+def unzipped_assets(directory):
+    for name in ("encoder.json", "vocab.bpe"):
+        with gzip.open(ASSETS / f"{name}.gz", "rb") as src:
+            (directory / name).write_bytes(src.read())
+    return directory / "encoder.json", directory / "vocab.bpe"
+
+
+def test_mixed_unicode_matches_transformers_and_round_trips(tmp_path):
     transformers = pytest.importorskip("transformers", reason="transformers' GPT-2 tokenizer is the reference")
-    ref = transformers.GPT2Tokenizer(str(ASSETS / "encoder.json"), str(ASSETS / "vocab.bpe"))  # positional: v4 and v5 name them differently
+    vocab, merges = unzipped_assets(tmp_path)
+    ref = transformers.GPT2Tokenizer(str(vocab), str(merges))  # positional: v4 and v5 name them differently
     tok = get_tokenizer()
     assert tok.encode(TEXT) == ref(TEXT).input_ids
     assert tok.decode(tok.encode(TEXT)) == TEXT
@@ -29,8 +38,9 @@ def test_mixed_unicode_matches_transformers_and_round_trips():
 
 def test_other_sources(tmp_path):
     (tmp_path / "hf").mkdir()
-    shutil.copy(ASSETS / "encoder.json", tmp_path / "hf" / "vocab.json")
-    shutil.copy(ASSETS / "vocab.bpe", tmp_path / "hf" / "merges.txt")
+    vocab, merges = unzipped_assets(tmp_path)
+    shutil.copy(vocab, tmp_path / "hf" / "vocab.json")
+    shutil.copy(merges, tmp_path / "hf" / "merges.txt")
     bundled = get_tokenizer()
     assert get_tokenizer(tmp_path / "hf").encode(TEXT) == bundled.encode(TEXT)
     bundled._tok.save(str(tmp_path / "tokenizer.json"))
