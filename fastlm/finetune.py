@@ -5,7 +5,19 @@ whole token count (so accumulation 4 x batch 4 is batch 16), gradient clipping, 
 decay on matrices and embeddings only) on a warmup + cosine schedule. The loop syncs with the GPU only every
 `--log-every` steps; metrics.jsonl still records every step. Output (in --out): model.safetensors + config.json
 (transformers loads them), metrics.jsonl, and checkpoint.pt for --resume; every file is written to a
-temporary name and renamed, so an interrupted run never leaves a half-written file.
+temporary name and renamed, so an interrupted run never leaves a half-written file; loss.png (train and
+validation curves) too when matplotlib is installed.
+
+What trains: everything, or only the last --train-layers blocks and/or the parameters named by --trainable, or
+low-rank adapters (--lora-rank) on a frozen base. Frozen parameters get no gradient and no optimizer state. A LoRA
+run also writes its adapters in Hugging Face PEFT's layout (adapter/adapter_model.safetensors +
+adapter_config.json); model.safetensors is always the whole (merged) model.
+
+Several GPUs or machines: `torchrun --nproc_per_node N -m fastlm.finetune ...` runs the same loop data-parallel
+(DistributedDataParallel; see fastlm.distributed). Every rank draws the same global step of
+`batch_size x grad_accum x N` windows and takes its own disjoint share, so N processes with batch b compute the
+same step as one process with batch N x b; only the last micro-batch of a step communicates (no_sync), the
+logged loss is the global mean, and only rank 0 prints and writes files.
 """
 from __future__ import annotations
 
@@ -17,15 +29,20 @@ import resource
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
+from fastlm import distributed, lora
 from fastlm.cli import fail, parse_args, resolve_device
 from fastlm.config import GPTConfig
-from fastlm.data import DataError, eval_windows, random_windows, read_documents, split, tokenize
+from fastlm.data import eval_windows, random_windows, read_documents, split, tokenize
+from fastlm.distributed import RankFailed, World
 from fastlm.model import BACKENDS, GPT
+from fastlm.plot import PLOT_HINT, write_loss_plot
 from fastlm.tokenizer import get_tokenizer
 from fastlm.weights import _atomic_write
 from kernels._utils import use_triton
@@ -64,6 +81,12 @@ class FinetuneConfig:
     val_fraction: float = field(default=0.1, metadata={"help": "fraction of the tokens held out for validation"})
     sample_tokens: int = field(default=64, metadata={"help": "tokens of the sample printed at the end (0: none)"})
     cache_dir: str | None = field(default=None, metadata={"help": "token cache (default: ~/.cache/fastlm/tokens)"})
+    train_layers: int | None = field(default=None, metadata={"help": "train only the last N transformer blocks and the final norm"})
+    trainable: str | None = field(default=None, metadata={"help": "train only parameters whose name contains one of these comma-separated patterns (e.g. h.11.,ln_f)"})
+    lora_rank: int = field(default=0, metadata={"help": "train rank-r LoRA adapters on a frozen base (0: off)"})
+    lora_alpha: float | None = field(default=None, metadata={"help": "LoRA scaling alpha (the update is alpha/r * B @ A; default: r)"})
+    lora_targets: str = field(default="c_attn,c_proj,c_fc", metadata={"help": "comma-separated projections that get adapters"})
+    lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA branch's input"})
 
 
 # -----------------------------------------------------------------------------
@@ -83,6 +106,16 @@ def validate(cfg: FinetuneConfig) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must not be negative, got {value}")
     if not 0 < cfg.val_fraction < 1:
         raise ValueError(f"--val-fraction must be between 0 and 1, got {cfg.val_fraction}")
+    if cfg.train_layers is not None and cfg.train_layers < 1:
+        raise ValueError(f"--train-layers must be at least 1, got {cfg.train_layers}")
+    if cfg.lora_rank < 0:
+        raise ValueError(f"--lora-rank must not be negative, got {cfg.lora_rank}")
+    if cfg.lora_rank and (cfg.train_layers is not None or cfg.trainable):
+        raise ValueError("--lora-rank trains adapters on a frozen base: it cannot be combined with --train-layers or --trainable")
+    if cfg.lora_alpha is not None and cfg.lora_alpha <= 0:
+        raise ValueError(f"--lora-alpha must be positive, got {cfg.lora_alpha}")
+    if not 0 <= cfg.lora_dropout < 1:
+        raise ValueError(f"--lora-dropout must be in [0, 1), got {cfg.lora_dropout}")
 
 
 def learning_rate(step: int, cfg: FinetuneConfig) -> float:
@@ -95,6 +128,34 @@ def learning_rate(step: int, cfg: FinetuneConfig) -> float:
     return min_lr + 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))) * (cfg.lr - min_lr)
 
 
+def choose_trainable(model: GPT, cfg: FinetuneConfig) -> str:
+    """Freeze what --train-layers / --trainable / --lora-rank leave out; returns what trains, in words."""
+    if cfg.lora_rank:
+        targets = [t.strip() for t in cfg.lora_targets.split(",") if t.strip()]
+        lora.apply_lora(model, cfg.lora_rank, cfg.lora_alpha or float(cfg.lora_rank), targets, cfg.lora_dropout)
+        return f"LoRA rank {cfg.lora_rank} adapters on {', '.join(targets)}"
+    patterns, what = [], []
+    if cfg.train_layers is not None:
+        n = model.config.n_layer
+        if cfg.train_layers > n:
+            raise ValueError(f"--train-layers {cfg.train_layers}: the model has only {n} blocks")
+        patterns += [f"transformer.h.{i}." for i in range(n - cfg.train_layers, n)] + ["transformer.ln_f."]
+        what.append(f"the last {cfg.train_layers} blocks and ln_f")
+    if cfg.trainable:
+        names = [name for name, _ in model.named_parameters(remove_duplicate=False)]  # lm_head.weight too (tied)
+        for pattern in filter(None, (p.strip() for p in cfg.trainable.split(","))):
+            if not any(pattern in name for name in names):
+                raise ValueError(f"--trainable {pattern!r} matches no parameter (names look like {names[2]})")
+            patterns.append(pattern)
+        what.append(f"parameters matching {cfg.trainable}")
+    if not patterns:
+        return "every parameter"
+    chosen = {id(p) for name, p in model.named_parameters(remove_duplicate=False) if any(pat in name for pat in patterns)}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in chosen)
+    return " and ".join(what)
+
+
 def make_optimizer(model: GPT, cfg: FinetuneConfig, device: torch.device) -> torch.optim.AdamW:
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
@@ -102,8 +163,15 @@ def make_optimizer(model: GPT, cfg: FinetuneConfig, device: torch.device) -> tor
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8, fused=device.type == "cuda")
 
 
-RUN_FILES = ("checkpoint.pt", "metrics.jsonl", "model.safetensors")
-RESUME_MUST_MATCH = ("batch_size", "grad_accum", "seq_len", "seed", "val_fraction")  # they change the data stream
+RUN_FILES = ("checkpoint.pt", "metrics.jsonl", "model.safetensors", "adapter/adapter_model.safetensors")
+# They change the data stream or what trains. The batch may be split differently (batch size, accumulation,
+# processes) as long as each step takes the same number of windows: see windows_per_step.
+RESUME_MUST_MATCH = ("seq_len", "seed", "val_fraction", "train_layers", "trainable", "lora_rank", "lora_alpha",
+                     "lora_targets", "lora_dropout")
+
+
+def windows_per_step(cfg: FinetuneConfig, world: World) -> int:
+    return cfg.batch_size * cfg.grad_accum * world.size
 
 
 def prepare_out(path: str, resume: bool = False, overwrite: bool = False) -> Path:
@@ -126,8 +194,9 @@ def prepare_out(path: str, resume: bool = False, overwrite: bool = False) -> Pat
 class Progress:
     """A one-line bar on a terminal, plain log lines otherwise."""
 
-    def __init__(self, total: int, stream=sys.stderr):
-        self.total, self.stream, self.tty = total, stream, stream.isatty()
+    def __init__(self, total: int, stream=None):
+        self.total, self.stream = total, stream or sys.stderr
+        self.tty = self.stream.isatty()
 
     def update(self, step: int, loss: float, lr: float, tokens_per_s: float, seconds_left: float, val_loss=None) -> None:
         val = f" val {val_loss:.4f}" if val_loss is not None else ""
@@ -140,21 +209,51 @@ class Progress:
             self.stream.write(f"step {step}/{self.total} loss {loss:.4f}{val} lr {lr:.2e} {tokens_per_s:,.0f} tok/s left {eta}\n")
         self.stream.flush()
 
+    def note(self, message: str) -> None:
+        """A line of its own, without breaking the bar."""
+        self.stream.write(("\n" if self.tty else "") + message + "\n")
+        self.stream.flush()
+
     def close(self) -> None:
         if self.tty:
             self.stream.write("\n")
 
 
 # -----------------------------------------------------------------------------
+@dataclass
+class Setup:
+    """What a rank needs to start training, made by `prepare` (which may fail on one rank only)."""
+
+    model: GPT
+    trains: str
+    tokenizer: object
+    splits: object
+    source: str
+    out: Path
+    checkpoint: dict | None
+    seq_len: int
+
+
 def run(cfg: FinetuneConfig) -> dict:
-    """Train as configured; returns the summary (also printed)."""
+    """Train as configured; returns the summary (also printed). Under torchrun, one rank of a data-parallel job."""
     validate(cfg)
-    device = resolve_device(cfg.device)
+    world = distributed.world_from_env()
+    device = distributed.place(world, resolve_device(cfg.device))
     if cfg.backend == "triton" and not use_triton(torch.empty(0, device=device)):
         raise ValueError(f"--backend triton needs a CUDA device (or TRITON_INTERPRET=1 on the CPU); this run is on {device}")
-    autocast_dtype = torch.bfloat16 if cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda") else None
-    use_compile = device.type == "cuda" if cfg.compile is None else cfg.compile
-    out = prepare_out(cfg.out, cfg.resume, cfg.overwrite)
+    distributed.init(world, device)
+    try:
+        setup = distributed.agree(world, lambda: prepare(cfg, world))
+        distributed.same_everywhere(world, setup.splits.key, f"--data ({setup.source})")
+        return train(cfg, world, device, setup)
+    finally:
+        distributed.close(world)
+
+
+def prepare(cfg: FinetuneConfig, world: World) -> Setup:
+    """The output directory, the model (what trains frozen or not, resumed or not) and the data; on every rank."""
+    say = print if world.is_main else _quiet
+    out = prepare_out(cfg.out, cfg.resume, cfg.overwrite) if world.is_main else Path(cfg.out)
     checkpoint_path = out / "checkpoint.pt"
     torch.manual_seed(cfg.seed)
     tokenizer = get_tokenizer()
@@ -162,11 +261,11 @@ def run(cfg: FinetuneConfig) -> dict:
     checkpoint = None
     if cfg.resume:
         if not checkpoint_path.is_file():
-            raise ValueError(f"--resume: no checkpoint.pt in {out}")
+            raise ValueError(f"--resume: no checkpoint.pt in {out}" + ("" if world.is_main else
+                             " (every process reads it: put --out on a filesystem all machines share)"))
         try:
             checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
             model = GPT(GPTConfig(**checkpoint["model_config"]), backend=cfg.backend)
-            model.load_state_dict(checkpoint["model"])
             saved = checkpoint["finetune_config"]
         except Exception as e:
             raise ValueError(f"{checkpoint_path}: not a fastlm fine-tuning checkpoint ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
@@ -175,15 +274,26 @@ def run(cfg: FinetuneConfig) -> dict:
             name = changed[0]
             raise ValueError(f"--resume: --{name.replace('_', '-')} is {getattr(cfg, name)} but the checkpoint was trained with "
                              f"{saved.get(name)}; resume with the same value")
-        print(f"resuming from {checkpoint_path} at step {checkpoint['step']}")
+        saved_windows = checkpoint.get("windows_per_step", saved["batch_size"] * saved["grad_accum"])
+        if saved_windows != windows_per_step(cfg, world):
+            raise ValueError(f"--resume: the checkpoint took {saved_windows} windows per step, this run would take "
+                             f"{windows_per_step(cfg, world)} (--batch-size {cfg.batch_size} x --grad-accum {cfg.grad_accum} "
+                             f"x {world.size} processes); keep the product to resume")
     elif cfg.weights is not None:
         # fp32 master weights whatever the file holds: low precision comes from autocast, and AdamW updates stay exact
         model = GPT.from_pretrained(cfg.weights, backend=cfg.backend, dtype=torch.float32)
-        print(f"fine-tuning {cfg.weights}: {model.num_parameters() / 1e6:.1f}M parameters")
+        say(f"fine-tuning {cfg.weights}: {model.num_parameters() / 1e6:.1f}M parameters")
     else:
         model = GPT(SCRATCH_MODEL, backend=cfg.backend)
-        print(f"no --weights given: training a small GPT-2 from scratch ({SCRATCH_MODEL.n_layer} layers, "
-              f"{SCRATCH_MODEL.n_embd} wide, {model.num_parameters() / 1e6:.1f}M parameters)")
+        say(f"no --weights given: training a small GPT-2 from scratch ({SCRATCH_MODEL.n_layer} layers, "
+            f"{SCRATCH_MODEL.n_embd} wide, {model.num_parameters() / 1e6:.1f}M parameters)")
+    trains = choose_trainable(model, cfg)
+    if checkpoint is not None:
+        try:
+            model.load_state_dict(checkpoint["model"])
+        except Exception as e:
+            raise ValueError(f"{checkpoint_path}: its weights do not fit this model ({str(e).splitlines()[0]})") from None
+        say(f"resuming from {checkpoint_path} at step {checkpoint['step']}")
     if model.config.vocab_size < tokenizer.vocab_size:
         raise ValueError(f"the model's vocabulary of {model.config.vocab_size} is smaller than the GPT-2 tokenizer's "
                          f"{tokenizer.vocab_size}: not a GPT-2 vocabulary")
@@ -194,59 +304,83 @@ def run(cfg: FinetuneConfig) -> dict:
     source = cfg.data or "pydoc_data.topics (Python's documentation)"
     tokens, data_key = tokenize(read_documents(cfg.data), tokenizer, cfg.cache_dir)
     splits = split(tokens, data_key, seq_len, cfg.val_fraction, source)
-    print(f"data: {source}: {len(splits.train):,} training and {len(splits.val):,} validation tokens")
+    if checkpoint is not None and checkpoint["data_key"] != data_key:
+        raise ValueError(f"--resume: the data differs from the checkpoint's ({source})")
+    return Setup(model, trains, tokenizer, splits, source, out, checkpoint, seq_len)
+
+
+def train(cfg: FinetuneConfig, world: World, device: torch.device, setup: Setup) -> dict:
+    say = print if world.is_main else _quiet
+    model, splits, out, checkpoint, seq_len = setup.model, setup.splits, setup.out, setup.checkpoint, setup.seq_len
+    trainable = model.num_parameters(trainable_only=True)
+    say(f"data: {setup.source}: {len(splits.train):,} training and {len(splits.val):,} validation tokens")
+    say(f"training {setup.trains}: {trainable:,} of {model.num_parameters():,} parameters"
+        + (f" on {world.size} processes" if world.distributed else ""))
+    autocast_dtype = torch.bfloat16 if cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda") else None
+    use_compile = device.type == "cuda" if cfg.compile is None else cfg.compile
 
     model.to(device)
     optimizer = make_optimizer(model, cfg, device)
     data_rng = torch.Generator().manual_seed(cfg.seed)
     step, metrics = 0, []
     if checkpoint is not None:
-        if checkpoint["data_key"] != data_key:
-            raise ValueError(f"--resume: the data differs from the checkpoint's ({source})")
         optimizer.load_state_dict(checkpoint["optimizer"])
         step = checkpoint["step"]
         data_rng.set_state(checkpoint["rng"]["data"])
         torch.set_rng_state(checkpoint["rng"]["torch"])
         if device.type == "cuda" and checkpoint["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
-        metrics = [m for m in _read_metrics(out / "metrics.jsonl") if m["step"] <= step]
+        metrics = [m for m in _read_metrics(out / "metrics.jsonl") if m["step"] <= step] if world.is_main else []
     if step >= cfg.max_steps:
         raise ValueError(f"--max-steps {cfg.max_steps}: the checkpoint is already at step {step}")
 
-    train_model = torch.compile(model) if use_compile else model
+    compiled = torch.compile(model) if use_compile else model
+    train_model = compiled
+    if world.distributed:  # broadcasts rank 0's weights; averages gradients in buckets during backward
+        train_model = DistributedDataParallel(compiled, device_ids=[device.index] if device.type == "cuda" else None)
     autocast = lambda: torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
-    tokens_per_step = cfg.batch_size * cfg.grad_accum * seq_len
-    val_x, val_y = eval_windows(splits.val, cfg.eval_batches * cfg.batch_size, seq_len)
-    progress = Progress(cfg.max_steps)
+    B, A, W = cfg.batch_size, cfg.grad_accum, world.size
+    tokens_per_step = windows_per_step(cfg, world) * seq_len  # the whole job's
+    val_x, val_y = eval_windows(splits.val, cfg.eval_batches * B * W, seq_len)
+    val_x, val_y = val_x.view(W, -1, seq_len)[world.rank], val_y.view(W, -1, seq_len)[world.rank]  # this rank's share
+    plotting = world.is_main
+    progress = Progress(cfg.max_steps) if world.is_main else None
     pending, last_time, first_step, start_time = [], time.perf_counter(), step, time.perf_counter()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
     def evaluate() -> float:
+        """Mean validation loss over every rank's share (equal-sized batches, so the mean of batch means)."""
         model.eval()
         total = torch.zeros((), device=device)
         with torch.no_grad(), autocast():
-            for x, y in zip(val_x.split(cfg.batch_size), val_y.split(cfg.batch_size)):
-                total += train_model(x.to(device), y.to(device)).float()
+            for x, y in zip(val_x.split(B), val_y.split(B)):
+                total += compiled(x.to(device), y.to(device)).float()
         model.train()
-        return (total / len(val_x.split(cfg.batch_size))).item()
+        return (distributed.all_reduce_sum(world, total) / (cfg.eval_batches * W)).item()
 
     model.train()
     while step < cfg.max_steps:
         lr = learning_rate(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        x, y = random_windows(splits.train, cfg.batch_size * cfg.grad_accum, seq_len, data_rng)
+        # Every rank draws the whole step's windows (the same generator everywhere) and keeps its share:
+        # micro-batch a of rank r is windows [(a * W + r) * B, (a * W + r + 1) * B).
+        x, y = random_windows(splits.train, B * A * W, seq_len, data_rng)
+        count = (y != -100).sum().clamp(min=1)  # the step's target tokens over all ranks: each micro-batch weighs its share
+        x, y = x.view(A, W, B, seq_len)[:, world.rank], y.view(A, W, B, seq_len)[:, world.rank]
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        count = (y != -100).sum().clamp(min=1)  # the step's target tokens: each micro-batch weighs its share
+        count = count.to(device)
         step_loss = torch.zeros((), device=device)
-        for xm, ym in zip(x.split(cfg.batch_size), y.split(cfg.batch_size)):
-            with autocast():
-                loss = train_model(xm, ym).float() * ((ym != -100).sum() / count)
-            loss.backward()
+        for micro, (xm, ym) in enumerate(zip(x, y)):
+            last = micro == A - 1
+            with train_model.no_sync() if world.distributed and not last else nullcontext():
+                with autocast():
+                    loss = train_model(xm, ym).float() * ((ym != -100).sum() / count)
+                (loss * W).backward()  # DDP averages over the W ranks: the sum of the shares is the step's mean
             step_loss += loss.detach()
         if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
@@ -255,7 +389,8 @@ def run(cfg: FinetuneConfig) -> dict:
         evaluating = step % cfg.eval_every == 0 or step == cfg.max_steps
         saving = step % cfg.save_every == 0 or step == cfg.max_steps
         if step % cfg.log_every == 0 or evaluating or saving:
-            losses = torch.stack([loss for _, loss, _ in pending]).tolist()  # the only host sync of the interval
+            # the only host sync (and loss all-reduce) of the interval
+            losses = distributed.all_reduce_sum(world, torch.stack([loss for _, loss, _ in pending])).tolist()
             now = time.perf_counter()
             tokens_per_s = tokens_per_step * len(pending) / (now - last_time)
             for (s, _, step_lr), value in zip(pending, losses):
@@ -264,18 +399,33 @@ def run(cfg: FinetuneConfig) -> dict:
             if evaluating:
                 metrics[-1]["val_loss"] = evaluate()
                 last_time = time.perf_counter()  # evaluation time is not training throughput
-            seconds_left = (now - start_time) / (step - first_step) * (cfg.max_steps - step)
-            progress.update(step, metrics[-1]["loss"], lr, tokens_per_s, seconds_left, metrics[-1].get("val_loss"))
-            _write_metrics(out / "metrics.jsonl", metrics)
-        if saving:
+            if world.is_main:
+                seconds_left = (now - start_time) / (step - first_step) * (cfg.max_steps - step)
+                progress.update(step, metrics[-1]["loss"], lr, tokens_per_s, seconds_left, metrics[-1].get("val_loss"))
+                _write_metrics(out / "metrics.jsonl", metrics)
+                if evaluating and plotting and not write_loss_plot(metrics, out / "loss.png"):
+                    plotting = False
+                    progress.note(f"no loss.png: {PLOT_HINT}")
+        if saving and world.is_main:
             rng = {"data": data_rng.get_state(), "torch": torch.get_rng_state(),
                    "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else None}
             state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "rng": rng,
-                     "model_config": dataclasses.asdict(model.config), "data_key": data_key, "finetune_config": dataclasses.asdict(cfg)}
-            _atomic_write(checkpoint_path, lambda tmp: torch.save(state, tmp))
+                     "model_config": dataclasses.asdict(model.config), "data_key": splits.key,
+                     "finetune_config": dataclasses.asdict(cfg), "windows_per_step": windows_per_step(cfg, world)}
+            _atomic_write(out / "checkpoint.pt", lambda tmp: torch.save(state, tmp))
+    if not world.is_main:
+        return {}
     progress.close()
+    if cfg.lora_rank:  # in a folder of their own: beside model.safetensors, transformers would apply them a second time
+        base = None if cfg.weights is None else Path(cfg.weights).resolve()
+        lora.save_adapters(model, out / "adapter", base_model_name_or_path=None if base is None else str(base if base.is_dir() else base.parent))
+        lora.merge_lora(model)
     model.save_pretrained(out)
-    return _summary(model, metrics, cfg, device, start_time, first_step, tokens_per_step, tokenizer, out)
+    return _summary(model, metrics, cfg, device, start_time, first_step, tokens_per_step, setup.tokenizer, out, trainable)
+
+
+def _quiet(*args, **kwargs) -> None:
+    """print() for ranks other than 0."""
 
 
 def _read_metrics(path: Path) -> list[dict]:
@@ -288,7 +438,7 @@ def _write_metrics(path: Path, metrics: list[dict]) -> None:
     _atomic_write(path, lambda tmp: Path(tmp).write_text("".join(json.dumps(m) + "\n" for m in metrics)))
 
 
-def _summary(model, metrics, cfg, device, start_time, first_step, tokens_per_step, tokenizer, out) -> dict:
+def _summary(model, metrics, cfg, device, start_time, first_step, tokens_per_step, tokenizer, out, trainable) -> dict:
     elapsed = time.perf_counter() - start_time
     val_losses = [m["val_loss"] for m in metrics if "val_loss" in m]
     recent = [m["loss"] for m in metrics[-10:]]
@@ -301,10 +451,12 @@ def _summary(model, metrics, cfg, device, start_time, first_step, tokens_per_ste
         memory = f"{peak:.2f} GiB peak process memory"
     summary = dict(steps=metrics[-1]["step"], train_loss=train_loss, train_ppl=math.exp(train_loss),
                    val_loss=val_losses[-1], val_ppl=math.exp(val_losses[-1]),
-                   tokens_per_s=tokens_per_step * (metrics[-1]["step"] - first_step) / elapsed, peak_memory_gib=peak)
+                   tokens_per_s=tokens_per_step * (metrics[-1]["step"] - first_step) / elapsed, peak_memory_gib=peak,
+                   trainable_parameters=trainable)
     print(f"done: {summary['steps']} steps; train loss {train_loss:.4f} (ppl {summary['train_ppl']:.1f}), "
           f"val loss {summary['val_loss']:.4f} (ppl {summary['val_ppl']:.1f}); {summary['tokens_per_s']:,.0f} tokens/s "
-          f"overall; {memory}; saved to {out}/model.safetensors")
+          f"overall; {memory}; {trainable:,} parameters trained; saved to {out}/model.safetensors"
+          + (f" and the LoRA adapters in {out}/adapter (PEFT's layout)" if cfg.lora_rank else ""))
     if cfg.sample_tokens > 0:
         torch.manual_seed(cfg.seed)
         n = min(cfg.sample_tokens, model.config.block_size - 1)
@@ -320,7 +472,14 @@ def main(argv=None) -> None:
     try:
         run(cfg)
     except (ValueError, OSError) as e:  # WeightsError and DataError are ValueErrors too: bad input, said in one line
-        fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+        try:
+            world = distributed.world_from_env()
+        except ValueError:
+            world = World()
+        if isinstance(e, RankFailed) and not world.is_main:
+            raise SystemExit(2)  # rank 0 says it
+        message = str(e).splitlines()[0] if str(e) else type(e).__name__
+        fail(f"rank {world.rank}: {message}" if world.distributed and not world.is_main else message)
     except KeyboardInterrupt:
         fail("interrupted; the last checkpoint in --out is intact (continue with --resume)")
 

@@ -154,6 +154,13 @@ def test_bad_data_files(tmp_path):
     (["--weights", "{tmp}/small_vocab"], "smaller than the GPT-2 tokenizer's 50257"),
     (["--out", "{tmp}/earlier_run"], "already holds checkpoint.pt"),
     (["--out", "{tmp}/foreign", "--resume"], "not a fastlm fine-tuning checkpoint"),
+    (["--train-layers", "3"], "--train-layers 3: the model has only 2 blocks"),
+    (["--train-layers", "0"], "--train-layers must be at least 1"),
+    (["--trainable", "h.0.,nope"], "--trainable 'nope' matches no parameter"),
+    (["--lora-rank", "4", "--train-layers", "1"], "cannot be combined with --train-layers"),
+    (["--lora-rank", "4", "--lora-targets", "c_attn,c_foo"], "'c_foo' matches no layer"),
+    (["--lora-rank", "-1"], "--lora-rank must not be negative"),
+    (["--lora-rank", "4", "--lora-alpha", "0"], "--lora-alpha must be positive"),
 ] + ([] if torch.cuda.is_available() else [(["--device", "cuda"], "CUDA is not available")]))
 def test_bad_input_exits_2_with_one_line(checkpoint, corpus, tmp_path, capsys, args, message):
     (tmp_path / "corrupt.safetensors").write_bytes(b"\x00" * 100)
@@ -178,8 +185,11 @@ def test_bad_input_exits_2_with_one_line(checkpoint, corpus, tmp_path, capsys, a
 
 def test_resume_refuses_changed_data_settings_and_overwrite_replaces(checkpoint, corpus, tmp_path, capsys):
     run(config(checkpoint, corpus, tmp_path, max_steps=2))
-    with pytest.raises(ValueError, match="--batch-size is 2 but the checkpoint was trained with 4"):
+    with pytest.raises(ValueError, match="the checkpoint took 4 windows per step, this run would take 2"):
         run(config(checkpoint, corpus, tmp_path, max_steps=4, batch_size=2, resume=True))
+    with pytest.raises(ValueError, match="--train-layers is 1 but the checkpoint was trained with None"):
+        run(config(checkpoint, corpus, tmp_path, max_steps=4, train_layers=1, resume=True))
+    run(config(checkpoint, corpus, tmp_path, max_steps=4, batch_size=2, grad_accum=2, resume=True))  # same windows per step
     run(config(checkpoint, corpus, tmp_path, max_steps=3, overwrite=True))
     assert [m["step"] for m in read_metrics(tmp_path / "out")] == [1, 2, 3]
 

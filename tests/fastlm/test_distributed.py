@@ -1,0 +1,121 @@
+"""Data-parallel fine-tuning with torchrun on the CPU (gloo): 2 ranks x batch 2 is 1 process x batch 4, a checkpoint
+resumes on another number of processes, and a rank that fails during set-up stops the whole job with one line."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import fastlm.finetune as finetune
+from fastlm import GPT
+from fastlm.distributed import World, world_from_env
+from tests.fastlm.test_finetune import TEXT, checkpoint, config, read_metrics  # noqa: F401 (fixture)
+
+REPO = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                                reason="this torch build has no torch.distributed with gloo")
+STEPS = dict(max_steps=8, grad_accum=2, eval_every=4, save_every=4, log_every=2, sample_tokens=0)
+
+
+def torchrun(args: list[str], nproc: int = 2, cwd=REPO, module: str | None = "fastlm.finetune", timeout: int = 300):
+    """`torchrun --standalone --nproc_per_node nproc [-m module] args` on the CPU; returns the CompletedProcess."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    env.pop("TRITON_INTERPRET", None)  # the torch backend: nothing here needs the interpreter
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    command += (["-m", module] if module else []) + args
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def cli_args(cfg) -> list[str]:
+    """The command line that gives FinetuneConfig cfg."""
+    args = []
+    for name, value in vars(cfg).items():
+        default = finetune.FinetuneConfig.__dataclass_fields__[name].default
+        if value != default:
+            flag = "--" + name.replace("_", "-")
+            args += [flag if value is True else f"--no-{flag[2:]}"] if isinstance(value, bool) else [flag, str(value)]
+    return args
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    ma, mb = read_metrics(a), read_metrics(b)
+    assert [m["step"] for m in ma] == [m["step"] for m in mb]
+    for x, y in zip(ma, mb):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-5), (x, y)
+        assert ("val_loss" in x) == ("val_loss" in y)
+        if "val_loss" in x:
+            assert x["val_loss"] == pytest.approx(y["val_loss"], rel=1e-5)
+    wa, wb = GPT.from_pretrained(a).state_dict(), GPT.from_pretrained(b).state_dict()
+    for key in wa:
+        torch.testing.assert_close(wa[key], wb[key], atol=1e-5, rtol=1e-4, msg=key)
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text(TEXT)
+    return path
+
+
+def test_two_ranks_equal_one_process_and_resume_on_another_world_size(checkpoint, corpus, tmp_path, monkeypatch):  # noqa: F811
+    one = config(checkpoint, corpus, tmp_path / "one", batch_size=4, **STEPS)
+    finetune.run(one)
+
+    two = config(checkpoint, corpus, tmp_path / "two", batch_size=2, **STEPS)
+    done = torchrun(cli_args(two))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("done: 8 steps") == 1 and done.stdout.count("fine-tuning ") == 1, "only rank 0 prints"
+    assert "on 2 processes" in done.stdout
+    assert_same_run(tmp_path / "one" / "out", tmp_path / "two" / "out")
+
+    # One process stops after step 4 (checkpoint at 4); two processes of batch 2 resume it to step 8.
+    calls, real_windows = {"n": 0}, finetune.random_windows
+
+    def interrupted_after_four_steps(*args):
+        calls["n"] += 1
+        if calls["n"] > 4:
+            raise KeyboardInterrupt
+        return real_windows(*args)
+
+    monkeypatch.setattr(finetune, "random_windows", interrupted_after_four_steps)
+    with pytest.raises(KeyboardInterrupt):
+        finetune.run(config(checkpoint, corpus, tmp_path / "resumed", batch_size=4, **STEPS))
+    resumed = config(checkpoint, corpus, tmp_path / "resumed", batch_size=2, resume=True, **STEPS)
+    done = torchrun(cli_args(resumed))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resuming from" in done.stdout
+    assert_same_run(tmp_path / "one" / "out", tmp_path / "resumed" / "out")
+
+    # A different number of windows per step would change the data stream: refused with the product named.
+    changed = config(checkpoint, corpus, tmp_path / "resumed", batch_size=4, resume=True, **{**STEPS, "max_steps": 10})
+    done = torchrun(cli_args(changed))
+    assert done.returncode != 0
+    assert "error: --resume: the checkpoint took 8 windows per step, this run would take 16" in done.stderr
+
+
+def test_a_rank_that_fails_stops_every_rank_with_one_line(checkpoint, tmp_path):  # noqa: F811
+    """Each rank runs in its own directory (as on separate machines); rank 1's has no corpus.txt."""
+    for rank in (0, 1):
+        (tmp_path / f"rank{rank}").mkdir()
+    (tmp_path / "rank0" / "corpus.txt").write_text(TEXT)
+    launcher = tmp_path / "launch.py"
+    launcher.write_text("import os\nos.chdir(f\"rank{os.environ['RANK']}\")\nfrom fastlm.finetune import main\nmain()\n")
+    cfg = config(checkpoint, Path("corpus.txt"), Path("."), **STEPS)
+    done = torchrun([str(launcher)] + cli_args(cfg), cwd=tmp_path, module=None, timeout=180)
+    assert done.returncode != 0
+    ours = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert ours == ["error: rank 1: corpus.txt: no such file or directory"], done.stderr[-3000:]
+    assert not (tmp_path / "rank0" / "out" / "checkpoint.pt").exists()
+
+
+def test_world_from_torchrun_environment():
+    assert world_from_env({}) == World(0, 0, 1)
+    world = world_from_env({"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4"})
+    assert (world.rank, world.local_rank, world.size, world.is_main, world.distributed) == (3, 1, 4, False, True)
+    with pytest.raises(ValueError, match="must be integers"):
+        world_from_env({"RANK": "x", "WORLD_SIZE": "2"})
+    with pytest.raises(ValueError, match="do not describe a process"):
+        world_from_env({"RANK": "2", "WORLD_SIZE": "2"})
+

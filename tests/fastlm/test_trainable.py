@@ -1,0 +1,128 @@
+"""Fine-tuning part of a model: --train-layers, --trainable and LoRA (checked against PEFT), and the loss curves."""
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import fastlm.finetune as finetune
+from fastlm import GPT
+from tests.fastlm.test_finetune import TEXT, checkpoint, config, read_metrics  # noqa: F401 (fixture)
+
+transformers = pytest.importorskip("transformers", reason="transformers is the GPT-2 reference (pip install -e '.[test]')")
+SHORT = dict(max_steps=4, eval_every=2, save_every=2, log_every=2, sample_tokens=0)
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text(TEXT)
+    return path
+
+
+def trained_and_frozen(checkpoint, out, prefixes):  # noqa: F811
+    """Which parameters changed in training; asserts every one outside `prefixes` is bit-identical to the start."""
+    before = GPT.from_pretrained(checkpoint).state_dict()
+    after = GPT.from_pretrained(out).state_dict()
+    changed = set()
+    for key, value in before.items():
+        if key.startswith(prefixes):
+            changed |= {key} if not torch.equal(value, after[key]) else set()
+        else:
+            assert torch.equal(value, after[key]), f"{key} is frozen but changed"
+    return changed
+
+
+def optimizer_state_sizes(out) -> list[int]:
+    state = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=False)["optimizer"]["state"]
+    return sorted(s["exp_avg"].numel() for s in state.values())
+
+
+@pytest.mark.parametrize("options,prefixes", [
+    (dict(train_layers=1), ("transformer.h.1.", "transformer.ln_f.")),
+    (dict(trainable="h.0.attn.,ln_f"), ("transformer.h.0.attn.", "transformer.ln_f.")),
+    (dict(train_layers=1, trainable="wpe"), ("transformer.h.1.", "transformer.ln_f.", "transformer.wpe.")),
+])
+def test_only_the_chosen_parameters_train(checkpoint, corpus, tmp_path, capsys, options, prefixes):  # noqa: F811
+    summary = finetune.run(config(checkpoint, corpus, tmp_path, **SHORT, **options))
+    out = tmp_path / "out"
+    model = GPT.from_pretrained(checkpoint)
+    chosen = {k: v for k, v in model.state_dict().items() if k.startswith(prefixes)}
+    assert trained_and_frozen(checkpoint, out, prefixes) == set(chosen), "every chosen parameter trains"
+    assert summary["trainable_parameters"] == sum(v.numel() for v in chosen.values())
+    assert optimizer_state_sizes(out) == sorted(v.numel() for v in chosen.values()), "no optimizer state for frozen ones"
+    assert f"{summary['trainable_parameters']:,} of {model.num_parameters():,} parameters" in capsys.readouterr().out
+
+
+def test_a_frozen_tied_head_can_be_chosen_by_either_name(checkpoint, corpus, tmp_path):  # noqa: F811
+    finetune.run(config(checkpoint, corpus, tmp_path, trainable="lm_head", **SHORT))
+    changed = trained_and_frozen(checkpoint, tmp_path / "out", ("transformer.wte.", "lm_head."))
+    assert changed == {"transformer.wte.weight", "lm_head.weight"}  # one tensor under two names
+
+
+def test_lora_merged_model_and_peft_adapters(checkpoint, corpus, tmp_path):  # noqa: F811
+    peft = pytest.importorskip("peft", reason="peft is the adapter-format reference (pip install -e '.[test]')")
+    rank, alpha = 4, 8.0
+    summary = finetune.run(config(checkpoint, corpus, tmp_path, lora_rank=rank, lora_alpha=alpha,
+                                  lora_targets="c_attn,c_fc", lr=1e-2, **SHORT))
+    out = tmp_path / "out"
+    assert not (out / "adapter_config.json").exists(), "transformers would apply the adapters to the merged model again"
+    adapters = load_file(out / "adapter" / "adapter_model.safetensors")
+    base, merged = GPT.from_pretrained(checkpoint).state_dict(), GPT.from_pretrained(out).state_dict()
+    targets = [k for k in base if k.endswith(("attn.c_attn.weight", "mlp.c_fc.weight"))]
+    assert summary["trainable_parameters"] == sum(v.numel() for v in adapters.values())
+    for key in base:
+        if key not in targets:
+            assert torch.equal(base[key], merged[key]), f"{key} is not a LoRA target but changed"
+            continue
+        prefix = "base_model.model." + key.removesuffix(".weight")
+        A, B = adapters[prefix + ".lora_A.weight"], adapters[prefix + ".lora_B.weight"]
+        assert A.shape == (rank, base[key].shape[1]) and B.shape == (base[key].shape[0], rank)
+        assert B.abs().max() > 0, f"{prefix}: the adapter did not train"
+        torch.testing.assert_close(merged[key], base[key] + alpha / rank * B @ A, atol=1e-6, rtol=1e-5)
+
+    idx = torch.randint(0, 50257, (2, 24))
+    reference = peft.PeftModel.from_pretrained(transformers.GPT2LMHeadModel.from_pretrained(checkpoint), out / "adapter").eval()
+    ours = transformers.GPT2LMHeadModel.from_pretrained(out).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(idx).logits, reference(idx).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_lora_resume_equals_uninterrupted(checkpoint, corpus, tmp_path, monkeypatch):  # noqa: F811
+    lora = dict(lora_rank=2, lora_targets="c_attn", lr=1e-2, **SHORT)
+    finetune.run(config(checkpoint, corpus, tmp_path / "a", **lora))
+    calls, real_windows = {"n": 0}, finetune.random_windows
+
+    def interrupted_after_two_steps(*args):
+        calls["n"] += 1
+        if calls["n"] > 2:
+            raise KeyboardInterrupt
+        return real_windows(*args)
+
+    monkeypatch.setattr(finetune, "random_windows", interrupted_after_two_steps)
+    with pytest.raises(KeyboardInterrupt):
+        finetune.run(config(checkpoint, corpus, tmp_path / "b", **lora))
+    monkeypatch.setattr(finetune, "random_windows", real_windows)
+    with pytest.raises(ValueError, match="--lora-rank is 3 but the checkpoint was trained with 2"):
+        finetune.run(config(checkpoint, corpus, tmp_path / "b", resume=True, **{**lora, "lora_rank": 3}))
+    finetune.run(config(checkpoint, corpus, tmp_path / "b", resume=True, **lora))
+    assert [m["loss"] for m in read_metrics(tmp_path / "b" / "out")] == [m["loss"] for m in read_metrics(tmp_path / "a" / "out")]
+    a, b = (load_file(tmp_path / run / "out" / "adapter" / "adapter_model.safetensors") for run in "ab")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_loss_png_is_written_at_each_evaluation(checkpoint, corpus, tmp_path, monkeypatch):  # noqa: F811
+    pytest.importorskip("matplotlib", reason="loss.png needs the optional extra fastlm[plot] (matplotlib)")
+    written = []
+    real = finetune.write_loss_plot
+    monkeypatch.setattr(finetune, "write_loss_plot", lambda metrics, path: written.append(len(metrics)) or real(metrics, path))
+    finetune.run(config(checkpoint, corpus, tmp_path, **SHORT))
+    assert written == [2, 4], "rewritten at each evaluation"
+    assert (tmp_path / "out" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_without_matplotlib_the_run_says_how_to_get_the_plot(checkpoint, corpus, tmp_path, monkeypatch, capsys):  # noqa: F811
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    finetune.run(config(checkpoint, corpus, tmp_path, **SHORT))
+    assert not (tmp_path / "out" / "loss.png").exists()
+    assert capsys.readouterr().err.count("pip install 'fastlm[plot]'") == 1
