@@ -58,3 +58,29 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: CUDA is not available on this machine")
     return device
+
+
+AUTOCAST_DTYPES = ("auto", "float32", "bfloat16")  # --dtype of the training and evaluation CLIs
+
+
+def autocast_dtype_for(dtype: str, device: torch.device) -> torch.dtype | None:
+    """--dtype: "auto" is bfloat16 autocast on CUDA and plain fp32 elsewhere; None means no autocast."""
+    return torch.bfloat16 if dtype == "bfloat16" or (dtype == "auto" and device.type == "cuda") else None
+
+
+def check_backend(backend: str, device: torch.device) -> None:
+    from kernels._utils import use_triton
+
+    if backend == "triton" and not use_triton(torch.empty(0, device=device)):
+        raise ValueError(f"--backend triton needs a CUDA device (or TRITON_INTERPRET=1 on the CPU); this run is on {device}")
+
+
+def sequence_length(model, tokenizer, seq_len: int | None) -> int:
+    """--seq-len for this model (default: its context, at most 1024), after checking it reads GPT-2's tokens."""
+    if model.config.vocab_size < tokenizer.vocab_size:
+        raise ValueError(f"the model's vocabulary of {model.config.vocab_size} is smaller than the GPT-2 tokenizer's "
+                         f"{tokenizer.vocab_size}: not a GPT-2 vocabulary")
+    seq_len = seq_len or min(model.config.block_size, 1024)
+    if seq_len > model.config.block_size:
+        raise ValueError(f"--seq-len {seq_len} is longer than the model's context of {model.config.block_size} tokens")
+    return seq_len

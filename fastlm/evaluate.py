@@ -40,13 +40,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import kernels
-from fastlm.cli import fail, parse_args, resolve_device
+from fastlm.cli import AUTOCAST_DTYPES, autocast_dtype_for, check_backend, fail, parse_args, resolve_device, sequence_length
 from fastlm.data import DataError, read_documents
 from fastlm.model import BACKENDS, GPT
 from fastlm.tokenizer import ASSETS, get_tokenizer
-from kernels._utils import use_triton
 
-DTYPES = ("auto", "float32", "bfloat16")
 
 
 @dataclass
@@ -59,7 +57,7 @@ class EvaluateConfig:
     stride: int | None = field(default=None, metadata={"help": "tokens the window advances by, in [1, seq-len] (default: seq-len // 2)"})
     batch_size: int = field(default=4, metadata={"help": "windows per forward pass (does not change the result)"})
     device: str = field(default="auto", metadata={"help": "cuda, cpu, ... (auto: cuda when available)"})
-    dtype: str = field(default="auto", metadata={"help": "auto: bfloat16 autocast on CUDA, float32 on CPU", "choices": DTYPES})
+    dtype: str = field(default="auto", metadata={"help": "auto: bfloat16 autocast on CUDA, float32 on CPU", "choices": AUTOCAST_DTYPES})
     backend: str = field(default="auto", metadata={"help": "kernels: triton, torch, or auto", "choices": BACKENDS})
     json: bool = field(default=False, metadata={"help": "print one JSON object instead of the human-readable line"})
 
@@ -205,21 +203,15 @@ def run(cfg: EvaluateConfig) -> dict:
     """Evaluate as configured; returns the result (main prints it)."""
     validate(cfg)
     device = resolve_device(cfg.device)
-    if cfg.backend == "triton" and not use_triton(torch.empty(0, device=device)):
-        raise ValueError(f"--backend triton needs a CUDA device (or TRITON_INTERPRET=1 on the CPU); this run is on {device}")
-    autocast_dtype = torch.bfloat16 if cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda") else None
+    check_backend(cfg.backend, device)
+    autocast_dtype = autocast_dtype_for(cfg.dtype, device)
     tokenizer = get_tokenizer()
     ids = text_ids(read_documents(cfg.data), tokenizer)
     if len(ids) < 2:
         raise DataError(f"{cfg.data}: the text is {len(ids)} token(s); perplexity needs at least 2")
     # fp32 weights whatever the file holds; autocast gives the low precision
     model = GPT.from_pretrained(cfg.weights, backend=cfg.backend, device=device, dtype=torch.float32)
-    if model.config.vocab_size < tokenizer.vocab_size:
-        raise ValueError(f"the model's vocabulary of {model.config.vocab_size} is smaller than the GPT-2 tokenizer's "
-                         f"{tokenizer.vocab_size}: not a GPT-2 vocabulary")
-    seq_len = cfg.seq_len or min(model.config.block_size, 1024)
-    if seq_len > model.config.block_size:
-        raise ValueError(f"--seq-len {seq_len} is longer than the model's context of {model.config.block_size} tokens")
+    seq_len = sequence_length(model, tokenizer, cfg.seq_len)
     stride = cfg.stride or max(1, seq_len // 2)
     if stride > seq_len:
         raise ValueError(f"--stride {stride} is larger than --seq-len {seq_len}: some tokens would never be scored")

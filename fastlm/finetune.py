@@ -37,7 +37,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from fastlm import distributed, lora
-from fastlm.cli import fail, parse_args, resolve_device
+from fastlm.cli import AUTOCAST_DTYPES, autocast_dtype_for, check_backend, fail, parse_args, resolve_device, sequence_length
 from fastlm.config import GPTConfig
 from fastlm.data import eval_windows, random_windows, read_documents, split, tokenize
 from fastlm.distributed import RankFailed, World
@@ -45,10 +45,8 @@ from fastlm.model import BACKENDS, GPT
 from fastlm.plot import PLOT_HINT, write_loss_plot
 from fastlm.tokenizer import get_tokenizer
 from fastlm.weights import _atomic_write
-from kernels._utils import use_triton
 
 SCRATCH_MODEL = GPTConfig(n_layer=4, n_head=4, n_embd=128, block_size=64)  # no --weights: small and quick on a CPU
-DTYPES = ("auto", "float32", "bfloat16")
 
 
 @dataclass
@@ -73,7 +71,7 @@ class FinetuneConfig:
     log_every: int = field(default=10, metadata={"help": "read losses back from the device every N steps"})
     seed: int = field(default=1337, metadata={"help": "random seed (model init, data order, sampling)"})
     device: str = field(default="auto", metadata={"help": "cuda, cpu, ... (auto: cuda when available)"})
-    dtype: str = field(default="auto", metadata={"help": "auto: bfloat16 autocast on CUDA, float32 on CPU", "choices": DTYPES})
+    dtype: str = field(default="auto", metadata={"help": "auto: bfloat16 autocast on CUDA, float32 on CPU", "choices": AUTOCAST_DTYPES})
     backend: str = field(default="auto", metadata={"help": "kernels: triton, torch, or auto", "choices": BACKENDS})
     compile: bool | None = field(default=None, metadata={"help": "torch.compile the model (default: on for CUDA)"})
     resume: bool = field(default=False, metadata={"help": "continue from OUT/checkpoint.pt"})
@@ -239,8 +237,7 @@ def run(cfg: FinetuneConfig) -> dict:
     validate(cfg)
     world = distributed.world_from_env()
     device = distributed.place(world, resolve_device(cfg.device))
-    if cfg.backend == "triton" and not use_triton(torch.empty(0, device=device)):
-        raise ValueError(f"--backend triton needs a CUDA device (or TRITON_INTERPRET=1 on the CPU); this run is on {device}")
+    check_backend(cfg.backend, device)
     distributed.init(world, device)
     try:
         setup = distributed.agree(world, lambda: prepare(cfg, world))
@@ -294,12 +291,7 @@ def prepare(cfg: FinetuneConfig, world: World) -> Setup:
         except Exception as e:
             raise ValueError(f"{checkpoint_path}: its weights do not fit this model ({str(e).splitlines()[0]})") from None
         say(f"resuming from {checkpoint_path} at step {checkpoint['step']}")
-    if model.config.vocab_size < tokenizer.vocab_size:
-        raise ValueError(f"the model's vocabulary of {model.config.vocab_size} is smaller than the GPT-2 tokenizer's "
-                         f"{tokenizer.vocab_size}: not a GPT-2 vocabulary")
-    seq_len = cfg.seq_len or min(model.config.block_size, 1024)
-    if seq_len > model.config.block_size:
-        raise ValueError(f"--seq-len {seq_len} is longer than the model's context of {model.config.block_size} tokens")
+    seq_len = sequence_length(model, tokenizer, cfg.seq_len)
 
     source = cfg.data or "pydoc_data.topics (Python's documentation)"
     tokens, data_key = tokenize(read_documents(cfg.data), tokenizer, cfg.cache_dir)
@@ -316,7 +308,7 @@ def train(cfg: FinetuneConfig, world: World, device: torch.device, setup: Setup)
     say(f"data: {setup.source}: {len(splits.train):,} training and {len(splits.val):,} validation tokens")
     say(f"training {setup.trains}: {trainable:,} of {model.num_parameters():,} parameters"
         + (f" on {world.size} processes" if world.distributed else ""))
-    autocast_dtype = torch.bfloat16 if cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda") else None
+    autocast_dtype = autocast_dtype_for(cfg.dtype, device)
     use_compile = device.type == "cuda" if cfg.compile is None else cfg.compile
 
     model.to(device)

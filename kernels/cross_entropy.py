@@ -15,8 +15,12 @@ them once more and writes the gradient, the only logits-sized buffer it allocate
 linear_cross_entropy(x, W, target, b) = cross_entropy(x @ W.T + b, target) for an LM head: rows are taken in
 chunks, each chunk's logits are built, turned into their gradient in place, and folded into dx, dW (fp32
 accumulator) and db, so peak extra memory is one chunk of logits plus the gradients themselves, never N x V.
-With reduction "mean"/"sum" and gradients needed, the gradients are made during the forward (the upstream
-gradient only scales them); with "none" the backward recomputes the logits chunk by chunk.
+Only the gradients that autograd will ask for are made: the wrapper reads, at call time, which of x, W and b
+require grad (none under torch.no_grad()), and a frozen head (LoRA, training only the last blocks) costs
+no dW matmul (a third of the head's FLOPs) and no (V, C) fp32 accumulator; a loss with no gradient needed
+skips the logits' gradient altogether. With reduction "mean"/"sum" the needed gradients are made during the
+forward (the upstream gradient only scales them); with "none" the backward recomputes the logits chunk by
+chunk, for the gradients in ctx.needs_input_grad only.
 
 Limits: logits (N, V) with any strides, any V >= 1; x (N, C) and W (V, C) in fp32/fp16/bf16 (W is cast to x's
 dtype for the matmul, gradients come back in each input's dtype). Off Triton (CPU without the interpreter)
@@ -246,33 +250,52 @@ def _chunk_logits_grad(logits: Tensor, target: Tensor, row_grad: Optional[Tensor
 
 
 def _linear_ce_chunks(x: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, row_grad: Optional[Tensor],
-                      ignore_index: int, label_smoothing: float, z_loss: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Per-row losses, and with row_grad (N,) the gradients of sum_i row_grad_i * loss_i for x, weight and bias."""
+                      ignore_index: int, label_smoothing: float, z_loss: float,
+                      grad_x: bool, grad_weight: bool, grad_bias: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per-row losses, and with row_grad (N,) the gradients of sum_i row_grad_i * loss_i for x, weight and bias.
+
+    Only the gradients flagged grad_x / grad_weight / grad_bias are made (and their buffers allocated); the others,
+    and all three without row_grad, come back as empty (0,) tensors.
+    """
     N, C = x.shape
     V = weight.shape[0]
     w = weight.to(x.dtype)
     b = None if bias is None else bias.to(x.dtype)
+    grad_bias = grad_bias and bias is not None
+    if row_grad is None:
+        grad_x = grad_weight = grad_bias = False
+    want_grad = grad_x or grad_weight or grad_bias
     losses = torch.empty(N, dtype=torch.float32, device=x.device)
-    want_grad = row_grad is not None
-    dx = x.new_empty(x.shape) if want_grad else x.new_empty(0)
-    dw_acc = torch.zeros((V, C) if want_grad else (0,), dtype=torch.float32, device=x.device)
-    db_acc = torch.zeros(V if want_grad and bias is not None else 0, dtype=torch.float32, device=x.device)
+    dx = x.new_empty(x.shape if grad_x else (0,))
+    dw_acc = torch.zeros((V, C) if grad_weight else (0,), dtype=torch.float32, device=x.device)
+    db_acc = torch.zeros(V if grad_bias else 0, dtype=torch.float32, device=x.device)
     rows = chunk_rows(N, C, V)
     for start in range(0, N, rows):
         end = min(start + rows, N)
         x_chunk = x[start:end]
         logits = x_chunk @ w.T if b is None else torch.addmm(b, x_chunk, w.T)
-        chunk_grad = None if row_grad is None else row_grad[start:end]
+        chunk_grad = row_grad[start:end] if want_grad else None
         losses[start:end], dlogits = _chunk_logits_grad(logits, target[start:end], chunk_grad, ignore_index, label_smoothing, z_loss)
-        if want_grad:
+        if grad_x:
             torch.mm(dlogits, w, out=dx[start:end])
+        if grad_weight:
             if dlogits.dtype == torch.float32:
                 dw_acc.addmm_(dlogits.T, x_chunk)
             else:  # half-precision product per chunk, summed across chunks in fp32
                 dw_acc.add_(dlogits.T @ x_chunk)
-            if bias is not None:
-                db_acc.add_(dlogits.sum(0, dtype=torch.float32))
+        if grad_bias:
+            db_acc.add_(dlogits.sum(0, dtype=torch.float32))
     return losses, dx, dw_acc.to(weight.dtype), db_acc.to(weight.dtype if bias is None else bias.dtype)
+
+
+def _grad_shapes(x: Tensor, weight: Tensor, bias: Optional[Tensor], grad_x: bool, grad_weight: bool,
+                 grad_bias: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Fake (dx, dW, db) with the real ones' shapes, dtypes and (contiguous) strides; (0,) where not made."""
+    bias_dtype = weight.dtype if bias is None else bias.dtype
+    dx = x.new_empty(x.shape if grad_x else (0,))  # new_empty is contiguous whatever x's strides, as the real op's
+    dw = weight.new_empty(weight.shape if grad_weight else (0,))
+    db = x.new_empty(weight.shape[0] if grad_bias and bias is not None else 0, dtype=bias_dtype)
+    return dx, dw, db
 
 
 def _row_grad(grad: Tensor, target: Tensor, ignore_index: int, reduction: str) -> Tensor:
@@ -288,66 +311,67 @@ def _row_grad(grad: Tensor, target: Tensor, ignore_index: int, reduction: str) -
 @torch.library.custom_op("fastlm::linear_cross_entropy_fwd", mutates_args=())
 def _linear_ce_fwd(
     x: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, ignore_index: int, label_smoothing: float,
-    z_loss: float, reduction: str, with_grad: bool,
+    z_loss: float, reduction: str, grad_x: bool, grad_weight: bool, grad_bias: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Loss (fp32) and, when with_grad and reduction != "none", the gradients of that loss for x, weight, bias."""
+    """Loss (fp32) and, when reduction != "none", the gradients of that loss flagged by grad_x/grad_weight/grad_bias.
+
+    Gradients not made (all three with "none", whose backward recomputes) are empty (0,) tensors.
+    """
     if use_triton(x):
         check_triton_device("fastlm::linear_cross_entropy_fwd", x, weight, bias, target)
-    precompute = with_grad and reduction != "none"
+    precompute = reduction != "none" and (grad_x or grad_weight or grad_bias)
     row_grad = _row_grad(torch.ones((), device=x.device), target, ignore_index, reduction) if precompute else None
     with torch.autocast(x.device.type, enabled=False):  # the matmuls run in x's dtype, whatever the caller's autocast
-        losses, dx, dw, db = _linear_ce_chunks(x, weight, bias, target, row_grad, ignore_index, label_smoothing, z_loss)
+        losses, dx, dw, db = _linear_ce_chunks(x, weight, bias, target, row_grad, ignore_index, label_smoothing, z_loss,
+                                               grad_x, grad_weight, grad_bias)
     return _reduce(losses, target, ignore_index, reduction, torch.float32), dx, dw, db
 
 
 @_linear_ce_fwd.register_fake
-def _(x, weight, bias, target, ignore_index, label_smoothing, z_loss, reduction, with_grad):
-    precompute = with_grad and reduction != "none"
+def _(x, weight, bias, target, ignore_index, label_smoothing, z_loss, reduction, grad_x, grad_weight, grad_bias):
     loss = x.new_empty(x.shape[:1] if reduction == "none" else (), dtype=torch.float32)
-    dx = x.new_empty(x.shape) if precompute else x.new_empty(0)  # contiguous, as the real op's
-    dw = weight.new_empty(weight.shape) if precompute else weight.new_empty(0)
-    bias_dtype = weight.dtype if bias is None else bias.dtype
-    db = x.new_empty(weight.shape[0] if precompute and bias is not None else 0, dtype=bias_dtype)
-    return loss, dx, dw, db
+    made = (reduction != "none" and flag for flag in (grad_x, grad_weight, grad_bias))
+    return loss, *_grad_shapes(x, weight, bias, *made)
 
 
 @torch.library.custom_op("fastlm::linear_cross_entropy_bwd", mutates_args=())
 def _linear_ce_bwd(
     row_grad: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, ignore_index: int,
-    label_smoothing: float, z_loss: float,
+    label_smoothing: float, z_loss: float, grad_x: bool, grad_weight: bool, grad_bias: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients of sum_i row_grad_i * loss_i, recomputing each chunk's logits."""
+    """The flagged gradients of sum_i row_grad_i * loss_i, recomputing each chunk's logits; the others empty (0,)."""
     with torch.autocast(x.device.type, enabled=False):
-        _, dx, dw, db = _linear_ce_chunks(x, weight, bias, target, row_grad, ignore_index, label_smoothing, z_loss)
+        _, dx, dw, db = _linear_ce_chunks(x, weight, bias, target, row_grad, ignore_index, label_smoothing, z_loss,
+                                          grad_x, grad_weight, grad_bias)
     return dx, dw, db
 
 
 @_linear_ce_bwd.register_fake
-def _(row_grad, x, weight, bias, target, ignore_index, label_smoothing, z_loss):
-    bias_dtype = weight.dtype if bias is None else bias.dtype
-    return x.new_empty(x.shape), weight.new_empty(weight.shape), x.new_empty(0 if bias is None else weight.shape[0], dtype=bias_dtype)
+def _(row_grad, x, weight, bias, target, ignore_index, label_smoothing, z_loss, grad_x, grad_weight, grad_bias):
+    return _grad_shapes(x, weight, bias, grad_x, grad_weight, grad_bias)
 
 
 def _linear_ce_setup_context(ctx, inputs, output):
-    x, weight, bias, target, ignore_index, label_smoothing, z_loss, reduction, with_grad = inputs
+    x, weight, bias, target, ignore_index, label_smoothing, z_loss, reduction, *flags = inputs
     ctx.args = (ignore_index, label_smoothing, z_loss)
-    ctx.reduction, ctx.has_bias = reduction, bias is not None
-    ctx.precomputed = with_grad and reduction != "none"
-    if ctx.precomputed:
-        ctx.save_for_backward(*output[1:])
-    else:
-        ctx.save_for_backward(x, weight, bias, target)
+    ctx.reduction = reduction
+    needed = tuple(ctx.needs_input_grad[:3])
+    ctx.made = tuple(f and reduction != "none" for f in flags)
+    ctx.missing = tuple(n and not m for n, m in zip(needed, ctx.made))  # only if the op was called with fewer flags
+    inputs_for_recompute = (x, weight, bias, target) if any(ctx.missing) else ()
+    ctx.save_for_backward(*output[1:], *inputs_for_recompute)
 
 
 def _linear_ce_backward(ctx, grad, _ddx, _ddw, _ddb):
-    if ctx.precomputed:
-        dx, dw, db = ctx.saved_tensors
-        dx, dw, db = dx * grad.to(dx.dtype), dw * grad.to(dw.dtype), db * grad.to(db.dtype)
-    else:
-        x, weight, bias, target = ctx.saved_tensors
+    made, saved = ctx.saved_tensors[:3], ctx.saved_tensors[3:]
+    needed = ctx.needs_input_grad[:3]
+    grads = [g * grad.to(g.dtype) if n and m else None for g, n, m in zip(made, needed, ctx.made)]
+    if any(ctx.missing):
+        x, weight, bias, target = saved
         row_grad = _row_grad(grad, target, ctx.args[0], ctx.reduction)
-        dx, dw, db = _linear_ce_bwd(row_grad, x, weight, bias, target, *ctx.args)
-    return dx, dw, db if ctx.has_bias else None, None, None, None, None, None, None
+        recomputed = _linear_ce_bwd(row_grad, x, weight, bias, target, *ctx.args, *ctx.missing)
+        grads = [r if miss else g for g, r, miss in zip(grads, recomputed, ctx.missing)]
+    return *grads, None, None, None, None, None, None, None, None
 
 
 _linear_ce_fwd.register_autograd(_linear_ce_backward, setup_context=_linear_ce_setup_context)
@@ -367,8 +391,11 @@ def linear_cross_entropy(
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
         raise ValueError(f"linear_cross_entropy: bias must be ({weight.shape[0]},), got {tuple(bias.shape)}")
     _check_args("linear_cross_entropy", x[:, :1], target, reduction, label_smoothing)
-    with_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
-    loss = _linear_ce_fwd(x, weight, bias, target, ignore_index, label_smoothing, z_loss, reduction, with_grad)[0]
+    # Only the gradients autograd will ask for: a frozen head (weight.requires_grad False) skips dW entirely.
+    grad_x, grad_weight, grad_bias = (torch.is_grad_enabled() and t is not None and t.requires_grad
+                                      for t in (x, weight, bias))
+    loss = _linear_ce_fwd(x, weight, bias, target, ignore_index, label_smoothing, z_loss, reduction,
+                          grad_x, grad_weight, grad_bias)[0]
     return loss.to(x.dtype)
 
 

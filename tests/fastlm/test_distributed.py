@@ -11,7 +11,7 @@ import torch
 import fastlm.finetune as finetune
 from fastlm import GPT
 from fastlm.distributed import World, world_from_env
-from tests.fastlm.test_finetune import TEXT, checkpoint, config, read_metrics  # noqa: F401 (fixture)
+from tests.fastlm.test_finetune import TEXT, checkpoint, config, interrupted_after, read_metrics  # noqa: F401 (fixture)
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
@@ -71,16 +71,7 @@ def test_two_ranks_equal_one_process_and_resume_on_another_world_size(checkpoint
     assert_same_run(tmp_path / "one" / "out", tmp_path / "two" / "out")
 
     # One process stops after step 4 (checkpoint at 4); two processes of batch 2 resume it to step 8.
-    calls, real_windows = {"n": 0}, finetune.random_windows
-
-    def interrupted_after_four_steps(*args):
-        calls["n"] += 1
-        if calls["n"] > 4:
-            raise KeyboardInterrupt
-        return real_windows(*args)
-
-    monkeypatch.setattr(finetune, "random_windows", interrupted_after_four_steps)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_after(4, monkeypatch), pytest.raises(KeyboardInterrupt):
         finetune.run(config(checkpoint, corpus, tmp_path / "resumed", batch_size=4, **STEPS))
     resumed = config(checkpoint, corpus, tmp_path / "resumed", batch_size=2, resume=True, **STEPS)
     done = torchrun(cli_args(resumed))

@@ -1,5 +1,6 @@
 """python -m fastlm.finetune on CPU with a tiny transformers-format GPT-2: learning, outputs, resume, accumulation,
 data formats, and every kind of bad input."""
+import contextlib
 import json
 
 import pytest
@@ -37,6 +38,26 @@ def config(checkpoint, corpus, tmp_path, **overrides):
     return FinetuneConfig(**{**base, **overrides})
 
 
+@contextlib.contextmanager
+def interrupted_after(steps, monkeypatch):
+    """Within the block, a run is interrupted (KeyboardInterrupt, as Ctrl-C) when it asks for step steps + 1's batch."""
+    import fastlm.finetune as finetune
+
+    calls, real_windows = {"n": 0}, finetune.random_windows
+
+    def windows(*args):
+        calls["n"] += 1
+        if calls["n"] > steps:
+            raise KeyboardInterrupt
+        return real_windows(*args)
+
+    monkeypatch.setattr(finetune, "random_windows", windows)
+    try:
+        yield
+    finally:
+        monkeypatch.setattr(finetune, "random_windows", real_windows)
+
+
 def read_metrics(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
@@ -65,21 +86,8 @@ def test_resume_equals_uninterrupted(checkpoint, corpus, tmp_path, monkeypatch):
     run(config(checkpoint, corpus, tmp_path / "a"))
     uninterrupted = read_metrics(tmp_path / "a" / "out")
 
-    import fastlm.finetune as finetune
-
-    calls = {"n": 0}
-    real_windows = finetune.random_windows
-
-    def interrupted_after_six_steps(*args):
-        calls["n"] += 1
-        if calls["n"] > 6:
-            raise KeyboardInterrupt
-        return real_windows(*args)
-
-    monkeypatch.setattr(finetune, "random_windows", interrupted_after_six_steps)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_after(6, monkeypatch), pytest.raises(KeyboardInterrupt):
         run(config(checkpoint, corpus, tmp_path / "b"))
-    monkeypatch.setattr(finetune, "random_windows", real_windows)
     run(config(checkpoint, corpus, tmp_path / "b", resume=True))
     resumed = read_metrics(tmp_path / "b" / "out")
     assert [m["step"] for m in resumed] == list(range(1, 13)), "each step logged once"

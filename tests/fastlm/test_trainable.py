@@ -7,7 +7,7 @@ from safetensors.torch import load_file
 
 import fastlm.finetune as finetune
 from fastlm import GPT
-from tests.fastlm.test_finetune import TEXT, checkpoint, config, read_metrics  # noqa: F401 (fixture)
+from tests.fastlm.test_finetune import TEXT, checkpoint, config, interrupted_after, read_metrics  # noqa: F401 (fixture)
 
 transformers = pytest.importorskip("transformers", reason="transformers is the GPT-2 reference (pip install -e '.[test]')")
 SHORT = dict(max_steps=4, eval_every=2, save_every=2, log_every=2, sample_tokens=0)
@@ -91,18 +91,8 @@ def test_lora_merged_model_and_peft_adapters(checkpoint, corpus, tmp_path):  # n
 def test_lora_resume_equals_uninterrupted(checkpoint, corpus, tmp_path, monkeypatch):  # noqa: F811
     lora = dict(lora_rank=2, lora_targets="c_attn", lr=1e-2, **SHORT)
     finetune.run(config(checkpoint, corpus, tmp_path / "a", **lora))
-    calls, real_windows = {"n": 0}, finetune.random_windows
-
-    def interrupted_after_two_steps(*args):
-        calls["n"] += 1
-        if calls["n"] > 2:
-            raise KeyboardInterrupt
-        return real_windows(*args)
-
-    monkeypatch.setattr(finetune, "random_windows", interrupted_after_two_steps)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_after(2, monkeypatch), pytest.raises(KeyboardInterrupt):
         finetune.run(config(checkpoint, corpus, tmp_path / "b", **lora))
-    monkeypatch.setattr(finetune, "random_windows", real_windows)
     with pytest.raises(ValueError, match="--lora-rank is 3 but the checkpoint was trained with 2"):
         finetune.run(config(checkpoint, corpus, tmp_path / "b", resume=True, **{**lora, "lora_rank": 3}))
     finetune.run(config(checkpoint, corpus, tmp_path / "b", resume=True, **lora))

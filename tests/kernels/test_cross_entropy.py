@@ -1,12 +1,18 @@
 """kernels.cross_entropy / linear_cross_entropy against F.cross_entropy: losses, gradients, memory, compile, opcheck."""
+import importlib
+import itertools
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from kernels import cross_entropy, linear_cross_entropy
-from kernels.cross_entropy import _cross_entropy_bwd, _cross_entropy_fwd, _linear_ce_fwd, chunk_rows
+from kernels.cross_entropy import _cross_entropy_bwd, _cross_entropy_fwd, _linear_ce_bwd, _linear_ce_fwd, chunk_rows
 from tests.conftest import DEVICE, assert_close_to_ref, requires_cuda
+
+ce_module = importlib.import_module("kernels.cross_entropy")  # `kernels.cross_entropy` is the re-exported function
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 SHAPES = [(1, 1), (3, 17), (7, 1000), (4, 50257)]  # (N, V): one class, odd V, GPT-2's vocabulary
@@ -156,7 +162,7 @@ def linear_inputs(N, C, V, dtype, bias, seed=0):
 
 def linear_loss_and_grads(fn, x, w, b, target, upstream, **kw):
     loss = fn(x, w, b, target, **kw)
-    params = [t for t in (x, w, b) if t is not None]
+    params = [t for t in (x, w, b) if t is not None and t.requires_grad]
     return [loss, *torch.autograd.grad(loss, params, upstream.to(loss.dtype))]
 
 
@@ -185,13 +191,111 @@ def test_linear_matches_unfused(N, C, V, bias, dtype, reduction):
         assert_close_to_ref(o, r, e, name)
 
 
-def test_linear_no_grad_computes_loss_only():
+# -----------------------------------------------------------------------------
+# Only the gradients autograd asks for: frozen head (LoRA, last-N-blocks fine-tuning), frozen input, no_grad.
+
+class MatmulCounter(TorchDispatchMode):
+    """FLOPs of every matmul, the in-place addmm_ of the fp32 dW accumulator included (FlopCounterMode misses
+    it), and the shapes of the new buffers made (not views of an op's inputs), to see whether a (V, C) one was."""
+
+    MATMULS = (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.addmm_)
+
+    def __init__(self):
+        super().__init__()
+        self.flops, self.shapes = 0, set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func.overloadpacket in self.MATMULS:
+            a, b = args[:2] if func.overloadpacket is torch.ops.aten.mm else args[1:3]
+            self.flops += 2 * a.shape[0] * a.shape[1] * b.shape[1]
+        out = func(*args, **kwargs)
+        tensors = lambda ts: [t for t in ts if isinstance(t, torch.Tensor)]
+        seen = {t.untyped_storage().data_ptr() for t in tensors([*args, *kwargs.values()])}
+        outs = tensors(out if isinstance(out, (tuple, list)) else [out])
+        self.shapes.update(tuple(t.shape) for t in outs if t.untyped_storage().data_ptr() not in seen)
+        return out
+
+
+@pytest.fixture
+def chunk_calls(monkeypatch):
+    """Spies on the chunk loop behind both linear ops: per call, which of dx, dW, db it made, its matmul FLOPs and
+    the shapes it allocated. (The custom op hides its insides from a dispatch mode around the caller.)"""
+    calls = []
+    real = ce_module._linear_ce_chunks
+
+    def spy(*args):
+        with MatmulCounter() as counter:
+            out = real(*args)
+        calls.append(dict(made=tuple(g.numel() > 0 for g in out[1:]), flops=counter.flops, shapes=counter.shapes))
+        return out
+
+    monkeypatch.setattr(ce_module, "_linear_ce_chunks", spy)
+    return calls
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("frozen", ["weight", "x"])
+def test_linear_partial_grads_match_reference(frozen, reduction, chunk_calls):
+    """A frozen input gets no gradient and none is made; the others match an fp64 reference (several chunks)."""
+    x, w, b, target = linear_inputs(9, 8, 300, torch.float32, True)
+    inputs = dict(x=x, weight=w, bias=b)
+    inputs[frozen] = inputs[frozen].detach()
+    upstream = torch.randn(9 if reduction == "none" else (), device=DEVICE)
+    kw = dict(reduction=reduction, label_smoothing=0.1)
+    loss = fused(*inputs.values(), target, **kw)
+    loss.backward(upstream)
+    ref64 = {k: t.detach().double().requires_grad_(k != frozen) for k, t in inputs.items()}
+    ref_loss = unfused(*ref64.values(), target, **kw)
+    ref_loss.backward(upstream.double())
+    torch.testing.assert_close(loss.double(), ref_loss, atol=1e-5, rtol=1e-5)
+    for name, t in inputs.items():
+        if name == frozen:
+            assert t.grad is None
+        else:
+            torch.testing.assert_close(t.grad.double(), ref64[name].grad, atol=1e-5, rtol=1e-5, msg=lambda m: f"d{name}: {m}")
+    needed = tuple(name != frozen for name in inputs)
+    assert [c["made"] for c in chunk_calls] == ([needed] if reduction != "none" else [(False,) * 3, needed])
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_linear_frozen_weight_skips_dw_matmul_and_accumulator(reduction, chunk_calls, monkeypatch):
+    """The saving itself: with a frozen head, no dW matmul and no (V, C) buffer; a trainable head shows both.
+
+    One matmul unit is 2*N*C*V FLOPs: logits, dx and dW are one each, and "none" builds the logits twice.
+    Runs the PyTorch chunk path (the matmuls are the same torch calls on the Triton path).
+    """
+    monkeypatch.setattr("kernels._utils.interpreting", lambda: False)
+    N, C, V = 16, 8, 64
+    x, w, b, target = linear_inputs(N, C, V, torch.float32, True)
+    unit = 2 * N * C * V
+    recompute = int(reduction == "none")
+    for trainable in (True, False):
+        chunk_calls.clear()
+        fused(x, w.detach().requires_grad_(trainable), b, target, reduction=reduction).sum().backward()
+        assert sum(c["flops"] for c in chunk_calls) == (2 + trainable + recompute) * unit
+        assert any((V, C) in c["shapes"] for c in chunk_calls) == trainable, "the (V, C) fp32 dW accumulator"
+        assert [c["made"] for c in chunk_calls][-1] == (True, trainable, True)
+
+
+def test_linear_no_grad_computes_loss_only(chunk_calls):
     x, w, b, target = linear_inputs(20, 8, 300, torch.float32, True)
     with torch.no_grad():
         loss = linear_cross_entropy(x, w, target, b)
-        _, dx, dw, db = _linear_ce_fwd(x, w, b, target, -100, 0.0, 0.0, "mean", False)
+        _, dx, dw, db = _linear_ce_fwd(x, w, b, target, -100, 0.0, 0.0, "mean", False, False, False)
     assert dx.numel() == dw.numel() == db.numel() == 0
+    assert [c["made"] for c in chunk_calls] == [(False,) * 3] * 2
+    assert chunk_calls[0]["flops"] == 2 * 20 * 8 * 300, "only the logits' matmul"
     torch.testing.assert_close(loss, unfused(x, w, b, target), atol=1e-5, rtol=1e-5)
+
+
+def test_linear_op_called_with_fewer_flags_recomputes_in_backward():
+    """Called directly with a flag off for an input that requires grad, the op's backward recomputes that gradient."""
+    x, w, b, target = linear_inputs(9, 8, 100, torch.float32, True)
+    ours = torch.autograd.grad(_linear_ce_fwd(x, w, b, target, -100, 0.1, 0.0, "mean", True, False, False)[0], (x, w, b))
+    ref = torch.autograd.grad(unfused(x, w, b, target, label_smoothing=0.1), (x, w, b))
+    for o, r in zip(ours, ref):
+        torch.testing.assert_close(o, r, atol=1e-5, rtol=1e-5)
 
 
 def test_linear_frozen_weight_fp32_with_half_input():
@@ -222,26 +326,54 @@ def test_linear_transposed_weight_under_compile():
     x, w, _, target = linear_inputs(12, 8, 40, torch.float32, False)
     w_t = w.detach().t().contiguous().requires_grad_()
     fn = lambda x, w_t: linear_cross_entropy(x, w_t.t(), target)
-    torch.library.opcheck(_linear_ce_fwd, (x, w_t.t(), None, target, -100, 0.0, 0.0, "mean", True))
+    torch.library.opcheck(_linear_ce_fwd, (x, w_t.t(), None, target, -100, 0.0, 0.0, "mean", True, True, False))
     eager = torch.autograd.grad(fn(x, w_t), (x, w_t))
     compiled = torch.autograd.grad(torch.compile(fn, fullgraph=True)(x, w_t), (x, w_t))
     for e, c in zip(eager, compiled):
         torch.testing.assert_close(c, e, atol=1e-6, rtol=1e-6)
 
 
-def test_linear_torch_compile_fullgraph_matches_eager():
+@pytest.mark.parametrize("frozen_weight", [False, True])
+def test_linear_torch_compile_fullgraph_matches_eager(frozen_weight):
+    """One opaque op in the graph, called with the gradient flags of the inputs (a frozen head: no dW)."""
     x, w, b, target = linear_inputs(37, 16, 1000, torch.float32, True)
+    w.requires_grad_(not frozen_weight)
     upstream = torch.tensor(1.0, device=DEVICE)
+    fwd_calls = []
+
+    def backend(gm, example_inputs):
+        op = torch.ops.fastlm.linear_cross_entropy_fwd.default
+        fwd_calls.extend(n.args[-3:] for n in gm.graph.nodes if n.target in (op, op.overloadpacket))
+        return torch._dynamo.lookup_backend("inductor")(gm, example_inputs)
+
     eager = linear_loss_and_grads(fused, x, w, b, target, upstream)
-    compiled = linear_loss_and_grads(torch.compile(fused, fullgraph=True), x, w, b, target, upstream)
+    compiled = linear_loss_and_grads(torch.compile(fused, fullgraph=True, backend=backend), x, w, b, target, upstream)
+    assert fwd_calls == [(True, not frozen_weight, True)]
+    assert len(compiled) == 4 - frozen_weight
     for e, c in zip(eager, compiled):
         torch.testing.assert_close(c, e, atol=0, rtol=0)
 
 
 def test_linear_opcheck():
     x, w, b, target = linear_inputs(9, 8, 100, torch.float32, True)
-    for reduction, with_grad in [("mean", True), ("none", True), ("sum", False)]:
-        torch.library.opcheck(_linear_ce_fwd, (x, w, b, target, -100, 0.1, 0.0, reduction, with_grad))
+    # a flag off while its input requires grad (the last three) makes the op's backward recompute that gradient
+    for reduction, *flags in [("mean", True, True, True), ("none", True, True, True), ("mean", True, False, True),
+                              ("sum", False, True, False), ("sum", False, False, False)]:
+        torch.library.opcheck(_linear_ce_fwd, (x, w, b, target, -100, 0.1, 0.0, reduction, *flags))
+    row_grad = torch.randn(9, device=DEVICE)
+    torch.library.opcheck(_linear_ce_bwd, (row_grad, x.detach(), w.detach(), b.detach(), target, -100, 0.1, 0.0, True, False, True))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_fake_matches_real_for_every_flag_combination(bias):
+    """register_fake gives the real outputs' shapes, dtypes and strides for every reduction and gradient flag."""
+    x, w, b, target = linear_inputs(5, 4, 30, torch.float16, bias)
+    w = w.detach().float().t().contiguous().t()  # an fp32 head, non-contiguous: gradients stay contiguous
+    check = dict(test_utils="test_faketensor")
+    for flags in itertools.product([False, True], repeat=3):
+        for reduction in ("mean", "sum", "none"):
+            torch.library.opcheck(_linear_ce_fwd, (x.detach(), w, b, target, -100, 0.0, 0.0, reduction, *flags), **check)
+        torch.library.opcheck(_linear_ce_bwd, (torch.rand(5, device=DEVICE), x.detach(), w, b, target, -100, 0.0, 0.0, *flags), **check)
 
 
 def peak_cpu_bytes(fn) -> int:
