@@ -228,8 +228,8 @@ def main(argv=None) -> None:
         result = run(cfg)
     except (ValueError, OSError) as e:  # WeightsError and DataError are ValueErrors too: bad input, said in one line
         fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
-    if cfg.json:
-        print(json.dumps(result))
+    if cfg.json:  # strict JSON: an infinite perplexity (a hopeless model) is null
+        print(json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in result.items()}))
     else:
         print(f"perplexity {result['perplexity']:.4f} (loss {result['loss']:.4f} nats/token), "
               f"{result['bits_per_byte']:.4f} bits per byte; {result['tokens']:,} tokens, {result['bytes']:,} bytes; "

@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import resource
 import sys
 import tempfile
@@ -161,7 +160,8 @@ def make_optimizer(model: GPT, cfg: FinetuneConfig, device: torch.device) -> tor
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8, fused=device.type == "cuda")
 
 
-RUN_FILES = ("checkpoint.pt", "metrics.jsonl", "model.safetensors", "adapter/adapter_model.safetensors")
+RUN_FILES = ("checkpoint.pt", "metrics.jsonl", "model.safetensors", "config.json", "loss.png",
+             "adapter/adapter_model.safetensors", "adapter/adapter_config.json")
 # They change the data stream or what trains. The batch may be split differently (batch size, accumulation,
 # processes) as long as each step takes the same number of windows: see windows_per_step.
 RESUME_MUST_MATCH = ("seq_len", "seed", "val_fraction", "train_layers", "trainable", "lora_rank", "lora_alpha",
@@ -230,6 +230,8 @@ class Setup:
     out: Path
     checkpoint: dict | None
     seq_len: int
+    metrics: list            # the earlier records of a resumed run (rank 0)
+    base_weights: str | None  # the --weights the run started from, for the adapters' config
 
 
 def run(cfg: FinetuneConfig) -> dict:
@@ -242,9 +244,17 @@ def run(cfg: FinetuneConfig) -> dict:
     try:
         setup = distributed.agree(world, lambda: prepare(cfg, world))
         distributed.same_everywhere(world, setup.splits.key, f"--data ({setup.source})")
-        return train(cfg, world, device, setup)
-    finally:
-        distributed.close(world)
+    except Exception:
+        distributed.close(world)  # every rank stops here together: a clean teardown
+        raise
+    if world.is_main and cfg.overwrite and not cfg.resume:
+        for name in RUN_FILES:  # the earlier run's files, so none of them lingers beside this run's
+            (setup.out / name).unlink(missing_ok=True)
+    summary = train(cfg, world, device, setup)
+    # Not in a `finally`: after a failure in training other ranks may be waiting in a collective, and tearing the
+    # group down under them hangs (NCCL); the failing process exits instead and torchrun stops the others.
+    distributed.close(world)
+    return summary
 
 
 def prepare(cfg: FinetuneConfig, world: World) -> Setup:
@@ -261,16 +271,19 @@ def prepare(cfg: FinetuneConfig, world: World) -> Setup:
             raise ValueError(f"--resume: no checkpoint.pt in {out}" + ("" if world.is_main else
                              " (every process reads it: put --out on a filesystem all machines share)"))
         try:
-            checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+            checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False, mmap=True)
             model = GPT(GPTConfig(**checkpoint["model_config"]), backend=cfg.backend)
             saved = checkpoint["finetune_config"]
         except Exception as e:
             raise ValueError(f"{checkpoint_path}: not a fastlm fine-tuning checkpoint ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
-        changed = [name for name in RESUME_MUST_MATCH if saved.get(name) != getattr(cfg, name)]
+        defaults = {f.name: f.default for f in dataclasses.fields(FinetuneConfig)}  # for settings older checkpoints lack
+        changed = [name for name in RESUME_MUST_MATCH if saved.get(name, defaults[name]) != getattr(cfg, name)]
         if changed:
             name = changed[0]
             raise ValueError(f"--resume: --{name.replace('_', '-')} is {getattr(cfg, name)} but the checkpoint was trained with "
-                             f"{saved.get(name)}; resume with the same value")
+                             f"{saved.get(name, defaults[name])}; resume with the same value")
+        if checkpoint["step"] >= cfg.max_steps:
+            raise ValueError(f"--max-steps {cfg.max_steps}: the checkpoint is already at step {checkpoint['step']}")
         saved_windows = checkpoint.get("windows_per_step", saved["batch_size"] * saved["grad_accum"])
         if saved_windows != windows_per_step(cfg, world):
             raise ValueError(f"--resume: the checkpoint took {saved_windows} windows per step, this run would take "
@@ -296,9 +309,14 @@ def prepare(cfg: FinetuneConfig, world: World) -> Setup:
     source = cfg.data or "pydoc_data.topics (Python's documentation)"
     tokens, data_key = tokenize(read_documents(cfg.data), tokenizer, cfg.cache_dir)
     splits = split(tokens, data_key, seq_len, cfg.val_fraction, source)
-    if checkpoint is not None and checkpoint["data_key"] != data_key:
-        raise ValueError(f"--resume: the data differs from the checkpoint's ({source})")
-    return Setup(model, trains, tokenizer, splits, source, out, checkpoint, seq_len)
+    metrics = []
+    if checkpoint is not None:
+        if checkpoint["data_key"] != data_key:
+            raise ValueError(f"--resume: the data differs from the checkpoint's ({source})")
+        if world.is_main:
+            metrics = [m for m in _read_metrics(out / "metrics.jsonl") if m["step"] <= checkpoint["step"]]
+    base_weights = cfg.weights if checkpoint is None else checkpoint.get("base_weights", saved.get("weights"))
+    return Setup(model, trains, tokenizer, splits, source, out, checkpoint, seq_len, metrics, base_weights)
 
 
 def train(cfg: FinetuneConfig, world: World, device: torch.device, setup: Setup) -> dict:
@@ -314,22 +332,22 @@ def train(cfg: FinetuneConfig, world: World, device: torch.device, setup: Setup)
     model.to(device)
     optimizer = make_optimizer(model, cfg, device)
     data_rng = torch.Generator().manual_seed(cfg.seed)
-    step, metrics = 0, []
+    step, metrics = 0, setup.metrics
     if checkpoint is not None:
         optimizer.load_state_dict(checkpoint["optimizer"])
         step = checkpoint["step"]
         data_rng.set_state(checkpoint["rng"]["data"])
         torch.set_rng_state(checkpoint["rng"]["torch"])
-        if device.type == "cuda" and checkpoint["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
-        metrics = [m for m in _read_metrics(out / "metrics.jsonl") if m["step"] <= step] if world.is_main else []
-    if step >= cfg.max_steps:
-        raise ValueError(f"--max-steps {cfg.max_steps}: the checkpoint is already at step {step}")
+        cuda_rng = checkpoint["rng"].get("cuda")
+        if device.type == "cuda" and isinstance(cuda_rng, torch.Tensor):
+            torch.cuda.set_rng_state(cuda_rng, device)
+        setup.checkpoint = checkpoint = None  # the weights and optimizer state are in place: free the host copy
 
     compiled = torch.compile(model) if use_compile else model
     train_model = compiled
     if world.distributed:  # broadcasts rank 0's weights; averages gradients in buckets during backward
-        train_model = DistributedDataParallel(compiled, device_ids=[device.index] if device.type == "cuda" else None)
+        train_model = DistributedDataParallel(compiled, device_ids=[device.index] if device.type == "cuda" else None,
+                                              gradient_as_bucket_view=True)  # no second copy of the gradients
     autocast = lambda: torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
     B, A, W = cfg.batch_size, cfg.grad_accum, world.size
     tokens_per_step = windows_per_step(cfg, world) * seq_len  # the whole job's
@@ -395,21 +413,21 @@ def train(cfg: FinetuneConfig, world: World, device: torch.device, setup: Setup)
                 seconds_left = (now - start_time) / (step - first_step) * (cfg.max_steps - step)
                 progress.update(step, metrics[-1]["loss"], lr, tokens_per_s, seconds_left, metrics[-1].get("val_loss"))
                 _write_metrics(out / "metrics.jsonl", metrics)
-                if evaluating and plotting and not write_loss_plot(metrics, out / "loss.png"):
-                    plotting = False
-                    progress.note(f"no loss.png: {PLOT_HINT}")
+                if evaluating and plotting:
+                    plotting = _plot(metrics, out / "loss.png", progress)
         if saving and world.is_main:
             rng = {"data": data_rng.get_state(), "torch": torch.get_rng_state(),
-                   "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else None}
+                   "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
             state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "rng": rng,
                      "model_config": dataclasses.asdict(model.config), "data_key": splits.key,
-                     "finetune_config": dataclasses.asdict(cfg), "windows_per_step": windows_per_step(cfg, world)}
+                     "finetune_config": dataclasses.asdict(cfg), "windows_per_step": windows_per_step(cfg, world),
+                     "base_weights": setup.base_weights}
             _atomic_write(out / "checkpoint.pt", lambda tmp: torch.save(state, tmp))
     if not world.is_main:
         return {}
     progress.close()
     if cfg.lora_rank:  # in a folder of their own: beside model.safetensors, transformers would apply them a second time
-        base = None if cfg.weights is None else Path(cfg.weights).resolve()
+        base = None if setup.base_weights is None else Path(setup.base_weights).resolve()
         lora.save_adapters(model, out / "adapter", base_model_name_or_path=None if base is None else str(base if base.is_dir() else base.parent))
         lora.merge_lora(model)
     model.save_pretrained(out)
@@ -418,6 +436,17 @@ def train(cfg: FinetuneConfig, world: World, device: torch.device, setup: Setup)
 
 def _quiet(*args, **kwargs) -> None:
     """print() for ranks other than 0."""
+
+
+def _plot(metrics: list[dict], path: Path, progress: Progress) -> bool:
+    """Rewrite loss.png; False (after saying why, once) when it cannot be drawn, so the run goes on without it."""
+    try:
+        if write_loss_plot(metrics, path):
+            return True
+        progress.note(f"no loss.png: {PLOT_HINT}")
+    except Exception as e:  # noqa: BLE001 -- a plot is never worth stopping a training run for
+        progress.note(f"no loss.png: matplotlib failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+    return False
 
 
 def _read_metrics(path: Path) -> list[dict]:
@@ -462,17 +491,19 @@ def _summary(model, metrics, cfg, device, start_time, first_step, tokens_per_ste
 def main(argv=None) -> None:
     cfg = parse_args(FinetuneConfig, argv, prog="python -m fastlm.finetune")
     try:
+        world = distributed.world_from_env()
+    except ValueError as e:
+        fail(str(e))
+    prefix = f"rank {world.rank}: " if world.distributed and not world.is_main else ""
+    try:
         run(cfg)
     except (ValueError, OSError) as e:  # WeightsError and DataError are ValueErrors too: bad input, said in one line
-        try:
-            world = distributed.world_from_env()
-        except ValueError:
-            world = World()
         if isinstance(e, RankFailed) and not world.is_main:
             raise SystemExit(2)  # rank 0 says it
-        message = str(e).splitlines()[0] if str(e) else type(e).__name__
-        fail(f"rank {world.rank}: {message}" if world.distributed and not world.is_main else message)
+        fail(prefix + (str(e).splitlines()[0] if str(e) else type(e).__name__))
     except KeyboardInterrupt:
+        if not world.is_main:
+            raise SystemExit(2)  # Ctrl-C reaches every rank; rank 0 says it
         fail("interrupted; the last checkpoint in --out is intact (continue with --resume)")
 
 

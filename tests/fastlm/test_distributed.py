@@ -1,12 +1,16 @@
 """Data-parallel fine-tuning with torchrun on the CPU (gloo): 2 ranks x batch 2 is 1 process x batch 4, a checkpoint
 resumes on another number of processes, and a rank that fails during set-up stops the whole job with one line."""
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+import torch.multiprocessing as mp
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+from torch.nn.parallel import DistributedDataParallel
 
 import fastlm.finetune as finetune
 from fastlm import GPT
@@ -110,3 +114,39 @@ def test_world_from_torchrun_environment():
     with pytest.raises(ValueError, match="do not describe a process"):
         world_from_env({"RANK": "2", "WORLD_SIZE": "2"})
 
+
+
+def _counting_rank(rank: int, world_size: int, port: int, cfg, counts: Path) -> None:
+    """One rank of a torch.multiprocessing job: run the fine-tuning with DDP's all-reduces counted."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    reductions = []
+
+    class CountingDDP(DistributedDataParallel):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+
+            def hook(state, bucket):
+                reductions.append(bucket.index())
+                return default_hooks.allreduce_hook(state, bucket)
+
+            self.register_comm_hook(None, hook)
+
+    finetune.DistributedDataParallel = CountingDDP
+    finetune.run(cfg)
+    (counts / f"rank{rank}").write_text(str(len(reductions)))
+
+
+def test_lora_under_ddp_reduces_once_per_step(checkpoint, corpus, tmp_path):  # noqa: F811
+    """LoRA (a frozen base: DDP syncs only the adapters) on 2 ranks x batch 2 is 1 process x batch 4, and with
+    --grad-accum 2 the gradients are all-reduced once per step (no_sync on the first micro-batch), not twice."""
+    lora = dict(lora_rank=2, lora_targets="c_attn", lr=1e-2, **STEPS)
+    finetune.run(config(checkpoint, corpus, tmp_path / "one", batch_size=4, **lora))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_counting_rank, args=(2, port, config(checkpoint, corpus, tmp_path / "two", batch_size=2, **lora), tmp_path),
+             nprocs=2, join=True)
+    buckets = 1  # the adapters are far smaller than one DDP bucket
+    assert [(tmp_path / f"rank{r}").read_text() for r in (0, 1)] == [str(STEPS["max_steps"] * buckets)] * 2
+    assert_same_run(tmp_path / "one" / "out", tmp_path / "two" / "out")

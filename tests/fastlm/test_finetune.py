@@ -198,6 +198,8 @@ def test_resume_refuses_changed_data_settings_and_overwrite_replaces(checkpoint,
     with pytest.raises(ValueError, match="--train-layers is 1 but the checkpoint was trained with None"):
         run(config(checkpoint, corpus, tmp_path, max_steps=4, train_layers=1, resume=True))
     run(config(checkpoint, corpus, tmp_path, max_steps=4, batch_size=2, grad_accum=2, resume=True))  # same windows per step
+    with pytest.raises(ValueError, match="--max-steps 4: the checkpoint is already at step 4"):
+        run(config(checkpoint, corpus, tmp_path, max_steps=4, batch_size=2, grad_accum=2, resume=True))
     run(config(checkpoint, corpus, tmp_path, max_steps=3, overwrite=True))
     assert [m["step"] for m in read_metrics(tmp_path / "out")] == [1, 2, 3]
 
@@ -207,3 +209,16 @@ def test_half_precision_weights_train_in_fp32(checkpoint, corpus, tmp_path):
     GPT.from_pretrained(checkpoint, dtype=torch.bfloat16).save_pretrained(tmp_path / "bf16")
     run(config(tmp_path / "bf16", corpus, tmp_path, max_steps=2))
     assert GPT.from_pretrained(tmp_path / "out").lm_head.weight.dtype == torch.float32
+
+
+def test_a_checkpoint_from_before_the_newer_settings_resumes(checkpoint, corpus, tmp_path):
+    """Checkpoints written before --train-layers, --lora-* and torchrun lack those settings: they mean the defaults."""
+    run(config(checkpoint, corpus, tmp_path, max_steps=2))
+    path = tmp_path / "out" / "checkpoint.pt"
+    state = torch.load(path, weights_only=False)
+    for name in ("train_layers", "trainable", "lora_rank", "lora_alpha", "lora_targets", "lora_dropout"):
+        del state["finetune_config"][name]
+    del state["windows_per_step"], state["base_weights"]
+    torch.save(state, path)
+    run(config(checkpoint, corpus, tmp_path, max_steps=3, resume=True))
+    assert [m["step"] for m in read_metrics(tmp_path / "out")] == [1, 2, 3]

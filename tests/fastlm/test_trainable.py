@@ -54,8 +54,9 @@ def test_only_the_chosen_parameters_train(checkpoint, corpus, tmp_path, capsys, 
     assert f"{summary['trainable_parameters']:,} of {model.num_parameters():,} parameters" in capsys.readouterr().out
 
 
-def test_a_frozen_tied_head_can_be_chosen_by_either_name(checkpoint, corpus, tmp_path):  # noqa: F811
-    finetune.run(config(checkpoint, corpus, tmp_path, trainable="lm_head", **SHORT))
+@pytest.mark.parametrize("name", ["lm_head", "transformer.wte"])
+def test_the_tied_head_can_be_chosen_by_either_name(checkpoint, corpus, tmp_path, name):  # noqa: F811
+    finetune.run(config(checkpoint, corpus, tmp_path, trainable=name, **SHORT))
     changed = trained_and_frozen(checkpoint, tmp_path / "out", ("transformer.wte.", "lm_head."))
     assert changed == {"transformer.wte.weight", "lm_head.weight"}  # one tensor under two names
 
@@ -82,6 +83,7 @@ def test_lora_merged_model_and_peft_adapters(checkpoint, corpus, tmp_path):  # n
         torch.testing.assert_close(merged[key], base[key] + alpha / rank * B @ A, atol=1e-6, rtol=1e-5)
 
     idx = torch.randint(0, 50257, (2, 24))
+    assert (out / "adapter" / "adapter_config.json").is_file()
     reference = peft.PeftModel.from_pretrained(transformers.GPT2LMHeadModel.from_pretrained(checkpoint), out / "adapter").eval()
     ours = transformers.GPT2LMHeadModel.from_pretrained(out).eval()
     with torch.no_grad():
@@ -116,3 +118,12 @@ def test_without_matplotlib_the_run_says_how_to_get_the_plot(checkpoint, corpus,
     finetune.run(config(checkpoint, corpus, tmp_path, **SHORT))
     assert not (tmp_path / "out" / "loss.png").exists()
     assert capsys.readouterr().err.count("pip install 'fastlm[plot]'") == 1
+
+
+def test_overwrite_removes_the_earlier_runs_adapters(checkpoint, corpus, tmp_path):  # noqa: F811
+    finetune.run(config(checkpoint, corpus, tmp_path, lora_rank=2, **SHORT))
+    assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").is_file()
+    with pytest.raises(ValueError, match="already holds checkpoint.pt"):
+        finetune.run(config(checkpoint, corpus, tmp_path, **SHORT))
+    finetune.run(config(checkpoint, corpus, tmp_path, overwrite=True, **SHORT))
+    assert not any((tmp_path / "out" / "adapter").iterdir()), "adapters of the earlier run would not match this model"
