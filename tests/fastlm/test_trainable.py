@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file
 
 import fastlm.finetune as finetune
-from fastlm import GPT
+from fastlm import GPT, GPTConfig
 from tests.fastlm.test_finetune import TEXT, checkpoint, config, interrupted_after, read_metrics  # noqa: F401 (fixture)
 
 transformers = pytest.importorskip("transformers", reason="transformers is the GPT-2 reference (pip install -e '.[test]')")
@@ -127,3 +127,28 @@ def test_overwrite_removes_the_earlier_runs_adapters(checkpoint, corpus, tmp_pat
         finetune.run(config(checkpoint, corpus, tmp_path, **SHORT))
     finetune.run(config(checkpoint, corpus, tmp_path, overwrite=True, **SHORT))
     assert not any((tmp_path / "out" / "adapter").iterdir()), "adapters of the earlier run would not match this model"
+
+
+def test_frozen_blocks_before_the_trained_ones_keep_no_activations():
+    """What makes peak memory fall: autograd saves nothing for the frozen blocks before the first trained one."""
+    idx = torch.randint(0, 101, (2, 64))
+
+    def saved_bytes(cfg) -> int:
+        # a small vocabulary, so the blocks' activations dominate the head's
+        model = GPT(GPTConfig(n_layer=4, n_head=2, n_embd=64, vocab_size=101, block_size=64), backend="torch")
+        finetune.choose_trainable(model, cfg)
+        total = 0
+
+        def pack(tensor):
+            nonlocal total
+            total += tensor.numel() * tensor.element_size()
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            model(idx, idx)
+        return total
+
+    every, last_block = saved_bytes(finetune.FinetuneConfig()), saved_bytes(finetune.FinetuneConfig(train_layers=1))
+    first_block = saved_bytes(finetune.FinetuneConfig(trainable="h.0."))
+    assert first_block > 0.6 * every, "a trained first block needs every later block's activations"
+    assert last_block < 0.4 * every, "a quarter of the blocks (plus the head) keep activations"
