@@ -60,6 +60,7 @@ def write_loss_plot(metrics: list[dict], path: str | os.PathLike, title: str = "
         import matplotlib  # noqa: F401  (optional: fastlm[plot])
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
+        from matplotlib.ticker import MaxNLocator
     except ImportError:
         return False
 
@@ -75,6 +76,7 @@ def write_loss_plot(metrics: list[dict], path: str | os.PathLike, title: str = "
         steps, losses = zip(*val)
         ax.plot(steps, losses, color="tab:orange", marker="o", markersize=4, linewidth=1.5, label="validation loss")
     ax.set_xlabel("step")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
     ax.set_ylabel("loss (nats per token)")
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
