@@ -33,6 +33,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_optimizer_state_dict)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
 from fastlm import distributed, lora
@@ -84,6 +88,7 @@ class FinetuneConfig:
     lora_alpha: float | None = field(default=None, metadata={"help": "LoRA scaling alpha (the update is alpha/r * B @ A; default: r)"})
     lora_targets: str = field(default="c_attn,c_proj,c_fc", metadata={"help": "comma-separated projections that get adapters"})
     lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA branch's input"})
+    fsdp: bool = field(default=False, metadata={"help": "under torchrun: shard weights, gradients and optimizer state across the processes (FSDP2) instead of replicating them (DDP)"})
 
 
 # -----------------------------------------------------------------------------
@@ -153,11 +158,30 @@ def choose_trainable(model: GPT, cfg: FinetuneConfig) -> str:
     return " and ".join(what)
 
 
-def make_optimizer(model: GPT, cfg: FinetuneConfig, device: torch.device) -> torch.optim.AdamW:
+def make_optimizer(model: GPT, cfg: FinetuneConfig, device: torch.device, fused: bool = True) -> torch.optim.AdamW:
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8, fused=device.type == "cuda")
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8, fused=fused and device.type == "cuda")
+
+
+# Checkpoints hold whole tensors keyed by parameter name, whatever the run's layout (one process, DDP, FSDP), so any
+# of them resumes any other. Gathering FSDP's shards is a collective: every rank calls these.
+WHOLE = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def load_optimizer_state(model: GPT, optimizer: torch.optim.Optimizer, state: dict, sharded: bool) -> None:
+    kept = [{k: group[k] for k in ("fused", "foreach") if k in group} for group in optimizer.param_groups]
+    by_name = any(isinstance(p, str) for group in state["param_groups"] for p in group["params"])
+    if by_name:
+        set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+    elif sharded:
+        raise ValueError("--resume --fsdp: this checkpoint predates --fsdp (its optimizer state is not keyed by "
+                         "parameter name); resume it without --fsdp")
+    else:
+        optimizer.load_state_dict(state)
+    for group, settings in zip(optimizer.param_groups, kept):  # this run's kernels, not the saving run's
+        group.update(settings)
 
 
 RUN_FILES = ("checkpoint.pt", "metrics.jsonl", "model.safetensors", "config.json", "loss.png",
@@ -325,16 +349,26 @@ def train(cfg: FinetuneConfig, world: World, device: torch.device, setup: Setup)
     trainable = model.num_parameters(trainable_only=True)
     say(f"data: {setup.source}: {len(splits.train):,} training and {len(splits.val):,} validation tokens")
     say(f"training {setup.trains}: {trainable:,} of {model.num_parameters():,} parameters"
-        + (f" on {world.size} processes" if world.distributed else ""))
+        + (f" on {world.size} processes ({'FSDP: sharded' if cfg.fsdp else 'DDP: replicated'})" if world.distributed else ""))
     autocast_dtype = autocast_dtype_for(cfg.dtype, device)
     use_compile = device.type == "cuda" if cfg.compile is None else cfg.compile
 
+    sharded = cfg.fsdp and world.distributed
+    if cfg.fsdp and not sharded:
+        say("--fsdp: a single process has nothing to shard; training as usual")
     model.to(device)
-    optimizer = make_optimizer(model, cfg, device)
+    if sharded:  # each rank keeps 1/W of every tensor; a block gathers its weights just before it runs
+        mesh = init_device_mesh(device.type, (world.size,))
+        for block in model.transformer.h:
+            if use_compile:
+                block.compile()  # per block, before sharding (as torchtitan does)
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)  # the embeddings, tied head and final norm
+    optimizer = make_optimizer(model, cfg, device, fused=not sharded)
     data_rng = torch.Generator().manual_seed(cfg.seed)
     step, metrics = 0, setup.metrics
     if checkpoint is not None:
-        optimizer.load_state_dict(checkpoint["optimizer"])
+        load_optimizer_state(model, optimizer, checkpoint["optimizer"], sharded)
         step = checkpoint["step"]
         data_rng.set_state(checkpoint["rng"]["data"])
         torch.set_rng_state(checkpoint["rng"]["torch"])
@@ -343,9 +377,9 @@ def train(cfg: FinetuneConfig, world: World, device: torch.device, setup: Setup)
             torch.cuda.set_rng_state(cuda_rng, device)
         setup.checkpoint = checkpoint = None  # the weights and optimizer state are in place: free the host copy
 
-    compiled = torch.compile(model) if use_compile else model
+    compiled = torch.compile(model) if use_compile and not sharded else model
     train_model = compiled
-    if world.distributed:  # broadcasts rank 0's weights; averages gradients in buckets during backward
+    if world.distributed and not sharded:  # broadcasts rank 0's weights; averages gradients in buckets during backward
         train_model = DistributedDataParallel(compiled, device_ids=[device.index] if device.type == "cuda" else None,
                                               gradient_as_bucket_view=True)  # no second copy of the gradients
     autocast = lambda: torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
@@ -384,7 +418,9 @@ def train(cfg: FinetuneConfig, world: World, device: torch.device, setup: Setup)
         step_loss = torch.zeros((), device=device)
         for micro, (xm, ym) in enumerate(zip(x, y)):
             last = micro == A - 1
-            with train_model.no_sync() if world.distributed and not last else nullcontext():
+            if sharded:
+                model.set_requires_gradient_sync(last)
+            with train_model.no_sync() if world.distributed and not sharded and not last else nullcontext():
                 with autocast():
                     loss = train_model(xm, ym).float() * ((ym != -100).sum() / count)
                 (loss * W).backward()  # DDP averages over the W ranks: the sum of the shares is the step's mean
@@ -415,14 +451,22 @@ def train(cfg: FinetuneConfig, world: World, device: torch.device, setup: Setup)
                 _write_metrics(out / "metrics.jsonl", metrics)
                 if evaluating and plotting:
                     plotting = _plot(metrics, out / "loss.png", progress)
+        if saving and (world.is_main or sharded):
+            model_state = get_model_state_dict(model, options=WHOLE)
+            optimizer_state = get_optimizer_state_dict(model, optimizer, options=WHOLE)
         if saving and world.is_main:
             rng = {"data": data_rng.get_state(), "torch": torch.get_rng_state(),
                    "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
-            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "rng": rng,
+            state = {"model": model_state, "optimizer": optimizer_state, "step": step, "rng": rng,
                      "model_config": dataclasses.asdict(model.config), "data_key": splits.key,
                      "finetune_config": dataclasses.asdict(cfg), "windows_per_step": windows_per_step(cfg, world),
                      "base_weights": setup.base_weights}
             _atomic_write(out / "checkpoint.pt", lambda tmp: torch.save(state, tmp))
+    if sharded and world.is_main:  # rank 0 goes on with a whole copy (the last step's checkpoint gathered it):
+        model = GPT(model.config, backend=cfg.backend)  # saving, merging adapters and sampling need every weight
+        choose_trainable(model, cfg)
+        model.load_state_dict(model_state)
+        model.to(device)
     if not world.is_main:
         return {}
     progress.close()

@@ -1,5 +1,6 @@
-"""Data-parallel fine-tuning with torchrun on the CPU (gloo): 2 ranks x batch 2 is 1 process x batch 4, a checkpoint
-resumes on another number of processes, and a rank that fails during set-up stops the whole job with one line."""
+"""Data-parallel fine-tuning with torchrun on the CPU (gloo): 2 ranks x batch 2 is 1 process x batch 4 with DDP and
+with FSDP2, a checkpoint resumes on another number of processes and layout, and a rank that fails during set-up
+stops the whole job with one line."""
 import os
 import socket
 import subprocess
@@ -63,7 +64,7 @@ def corpus(tmp_path):
     return path
 
 
-def test_two_ranks_equal_one_process_and_resume_on_another_world_size(checkpoint, corpus, tmp_path, monkeypatch):  # noqa: F811
+def test_two_ranks_equal_one_process_and_resume_on_another_layout(checkpoint, corpus, tmp_path, monkeypatch):  # noqa: F811
     one = config(checkpoint, corpus, tmp_path / "one", batch_size=4, **STEPS)
     finetune.run(one)
 
@@ -71,13 +72,19 @@ def test_two_ranks_equal_one_process_and_resume_on_another_world_size(checkpoint
     done = torchrun(cli_args(two))
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("done: 8 steps") == 1 and done.stdout.count("fine-tuning ") == 1, "only rank 0 prints"
-    assert "on 2 processes" in done.stdout
+    assert "on 2 processes (DDP: replicated)" in done.stdout
     assert_same_run(tmp_path / "one" / "out", tmp_path / "two" / "out")
 
-    # One process stops after step 4 (checkpoint at 4); two processes of batch 2 resume it to step 8.
+    sharded = config(checkpoint, corpus, tmp_path / "fsdp", batch_size=2, fsdp=True, **STEPS)  # FSDP2 in place of DDP
+    done = torchrun(cli_args(sharded))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "on 2 processes (FSDP: sharded)" in done.stdout
+    assert_same_run(tmp_path / "one" / "out", tmp_path / "fsdp" / "out")
+
+    # One process stops after step 4 (checkpoint at 4); two FSDP processes of batch 2 resume it to step 8.
     with interrupted_after(4, monkeypatch), pytest.raises(KeyboardInterrupt):
         finetune.run(config(checkpoint, corpus, tmp_path / "resumed", batch_size=4, **STEPS))
-    resumed = config(checkpoint, corpus, tmp_path / "resumed", batch_size=2, resume=True, **STEPS)
+    resumed = config(checkpoint, corpus, tmp_path / "resumed", batch_size=2, resume=True, fsdp=True, **STEPS)
     done = torchrun(cli_args(resumed))
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resuming from" in done.stdout
