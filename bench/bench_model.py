@@ -57,6 +57,32 @@ def bench_train_step(gpu_bench, benchmark, provider):
               mfu=lambda t: flops / t / (peak * 1e12) if peak else 0.0, tflop_per_s=lambda t: flops / t / 1e12)
 
 
+@pytest.mark.parametrize("trains", ["everything", "last 2 blocks", "LoRA r=8"])
+def bench_train_step_partial(gpu_bench, benchmark, trains):
+    """What choosing what trains saves: the same fastlm step (our kernels, compiled) with frozen parts."""
+    from fastlm.finetune import FinetuneConfig, choose_trainable
+
+    benchmark.group = f"train_step gpt2-124M batch {BATCH} x seq {SEQ} bf16, what trains"
+    model, config = _model("triton")
+    choice = {"everything": {}, "last 2 blocks": dict(train_layers=2), "LoRA r=8": dict(lora_rank=8)}[trains]
+    choose_trainable(model, FinetuneConfig(**choice))
+    model.cuda()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
+    idx = torch.randint(0, config.vocab_size, (BATCH, SEQ + 1), device="cuda")
+    x, y = idx[:, :-1], idx[:, 1:]
+    forward = torch.compile(model)
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = forward(x, y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    gpu_bench(step, rounds=10, tokens_per_s=lambda t: BATCH * SEQ / t, trainable_parameters=trainable)
+
+
 @pytest.mark.parametrize("provider", ["triton", "eager", "hf"])
 def bench_generate(gpu_bench, benchmark, provider):
     benchmark.group = "generate gpt2-124M batch 1, 32 + 256 tokens, greedy, bf16"

@@ -41,8 +41,8 @@ def render(data: dict) -> str:
         rows = groups[group]
         medians = {b["params"].get("provider", b["name"]): b["stats"]["median"] for b in rows}
         eager = medians.get("eager")
-        lines += [f"### {group}", "", "| provider | median ms | vs eager | vs best other | throughput | tokens/s | peak MiB |",
-                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        lines += [f"### {group}", "", "| provider | median ms | vs eager | vs best other | throughput | tokens/s | peak MiB | resident MiB |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for b in sorted(rows, key=lambda b: b["stats"]["median"]):
             provider = b["params"].get("provider", b["name"])
             others = [m for p, m in medians.items() if p != provider]
@@ -58,7 +58,7 @@ def render(data: dict) -> str:
             tokens = f"{info['tokens_per_s']:,.0f}" if "tokens_per_s" in info else "-"
             lines.append(f"| {provider} | {b['stats']['median'] * 1e3:.3f} | {_ratio(eager, b['stats']['median'])} | "
                          f"{_ratio(min(others) if others else None, b['stats']['median'])} | {throughput} | {tokens} | "
-                         f"{info.get('peak_memory_mib', '-')} |")
+                         f"{info.get('peak_memory_mib', '-')} | {info.get('resident_memory_mib', '-')} |")
         lines.append("")
     return "\n".join(lines)
 
