@@ -2,8 +2,8 @@
 
 torchrun starts one process per GPU and gives each RANK, LOCAL_RANK, WORLD_SIZE and a rendezvous address; a
 plain `python -m fastlm.finetune` has none of them and runs as a world of one, with nothing here talking to
-anyone. In a world of N: NCCL on CUDA (each process on cuda:LOCAL_RANK), gloo on the CPU; the caller wraps the
-model in DistributedDataParallel, so the engine is PyTorch's own.
+anyone. In a world of N: NCCL on CUDA (each process on cuda:LOCAL_RANK), gloo on the CPU, and `parallelize`
+either replicates the model (DistributedDataParallel) or shards it (FSDP2's fully_shard): PyTorch's own engines.
 
 Failures. Set-up steps that can fail on one rank only (a data file missing on one machine, a checkpoint on a
 disk the others cannot see) run inside `agree`: every rank all-gathers every rank's outcome, so a failure on
@@ -14,11 +14,16 @@ stops the other workers as soon as one exits with an error.
 from __future__ import annotations
 
 import os
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable, TypeVar
 
 import torch
 import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.nn.parallel import DistributedDataParallel
 
 T = TypeVar("T")
 
@@ -79,6 +84,50 @@ def init(world: World, device: torch.device) -> None:
         dist.init_process_group("nccl", device_id=device)
     else:
         dist.init_process_group("gloo")
+
+
+@dataclass
+class Parallel:
+    """The model as one rank trains it: what to call for training and for evaluation, and how gradients sync."""
+
+    model: nn.Module    # the model itself: the optimizer steps its parameters; checkpoints read it
+    forward: nn.Module  # what evaluation calls: the model, compiled when asked
+    train: nn.Module    # what training calls: forward, in DistributedDataParallel when replicated
+    sharded: bool
+
+    def micro_step(self, last: bool):
+        """Context for one micro-batch's forward and backward: gradients are reduced across ranks on the last only."""
+        if self.sharded:
+            self.model.set_requires_gradient_sync(last)
+        elif isinstance(self.train, DistributedDataParallel) and not last:
+            return self.train.no_sync()
+        return nullcontext()
+
+
+def parallelize(model: nn.Module, world: World, device: torch.device, shard: bool, compile: bool) -> Parallel:
+    """Place the model for this rank, before its optimizer is made.
+
+    One process: the model (compiled when asked). Replicated: DDP broadcasts rank 0's weights and averages gradients
+    in buckets during backward. Sharded (shard=True): each rank keeps 1/N of every weight, gradient and optimizer
+    state; a block gathers its weights just before it runs (fully_shard on each block, then on the rest), and
+    compilation is per block, before sharding, as torchtitan does.
+    """
+    model.to(device)
+    sharded = shard and world.distributed
+    if sharded:
+        mesh = init_device_mesh(device.type, (world.size,))
+        for block in model.transformer.h:
+            if compile:
+                block.compile()
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)  # the embeddings, tied head and final norm
+        return Parallel(model, model, model, sharded=True)
+    forward = torch.compile(model) if compile else model
+    train = forward
+    if world.distributed:
+        train = DistributedDataParallel(forward, device_ids=[device.index] if device.type == "cuda" else None,
+                                        gradient_as_bucket_view=True)  # no second copy of the gradients
+    return Parallel(model, forward, train, sharded=False)
 
 
 def close(world: World) -> None:

@@ -14,7 +14,7 @@ run also writes its adapters in Hugging Face PEFT's layout (adapter/adapter_mode
 adapter_config.json); model.safetensors is always the whole (merged) model.
 
 Several GPUs or machines: `torchrun --nproc_per_node N -m fastlm.finetune ...` runs the same loop data-parallel
-(DistributedDataParallel; see fastlm.distributed). Every rank draws the same global step of
+(DistributedDataParallel, or FSDP2 with --fsdp; see fastlm.distributed). Every rank draws the same global step of
 `batch_size x grad_accum x N` windows and takes its own disjoint share, so N processes with batch b compute the
 same step as one process with batch N x b; only the last micro-batch of a step communicates (no_sync), the
 logged loss is the global mean, and only rank 0 prints and writes files.
@@ -28,16 +28,12 @@ import resource
 import sys
 import tempfile
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_optimizer_state_dict)
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard
-from torch.nn.parallel import DistributedDataParallel
 
 from fastlm import distributed, lora
 from fastlm.cli import AUTOCAST_DTYPES, autocast_dtype_for, check_backend, fail, parse_args, resolve_device, sequence_length
@@ -353,17 +349,10 @@ def train(cfg: FinetuneConfig, world: World, device: torch.device, setup: Setup)
     autocast_dtype = autocast_dtype_for(cfg.dtype, device)
     use_compile = device.type == "cuda" if cfg.compile is None else cfg.compile
 
-    sharded = cfg.fsdp and world.distributed
-    if cfg.fsdp and not sharded:
+    if cfg.fsdp and not world.distributed:
         say("--fsdp: a single process has nothing to shard; training as usual")
-    model.to(device)
-    if sharded:  # each rank keeps 1/W of every tensor; a block gathers its weights just before it runs
-        mesh = init_device_mesh(device.type, (world.size,))
-        for block in model.transformer.h:
-            if use_compile:
-                block.compile()  # per block, before sharding (as torchtitan does)
-            fully_shard(block, mesh=mesh)
-        fully_shard(model, mesh=mesh)  # the embeddings, tied head and final norm
+    parallel = distributed.parallelize(model, world, device, shard=cfg.fsdp, compile=use_compile)
+    sharded = parallel.sharded
     optimizer = make_optimizer(model, cfg, device, fused=not sharded)
     data_rng = torch.Generator().manual_seed(cfg.seed)
     step, metrics = 0, setup.metrics
@@ -377,11 +366,6 @@ def train(cfg: FinetuneConfig, world: World, device: torch.device, setup: Setup)
             torch.cuda.set_rng_state(cuda_rng, device)
         setup.checkpoint = checkpoint = None  # the weights and optimizer state are in place: free the host copy
 
-    compiled = torch.compile(model) if use_compile and not sharded else model
-    train_model = compiled
-    if world.distributed and not sharded:  # broadcasts rank 0's weights; averages gradients in buckets during backward
-        train_model = DistributedDataParallel(compiled, device_ids=[device.index] if device.type == "cuda" else None,
-                                              gradient_as_bucket_view=True)  # no second copy of the gradients
     autocast = lambda: torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
     B, A, W = cfg.batch_size, cfg.grad_accum, world.size
     tokens_per_step = windows_per_step(cfg, world) * seq_len  # the whole job's
@@ -399,7 +383,7 @@ def train(cfg: FinetuneConfig, world: World, device: torch.device, setup: Setup)
         total = torch.zeros((), device=device)
         with torch.no_grad(), autocast():
             for x, y in zip(val_x.split(B), val_y.split(B)):
-                total += compiled(x.to(device), y.to(device)).float()
+                total += parallel.forward(x.to(device), y.to(device)).float()
         model.train()
         return (distributed.all_reduce_sum(world, total) / (cfg.eval_batches * W)).item()
 
@@ -417,13 +401,10 @@ def train(cfg: FinetuneConfig, world: World, device: torch.device, setup: Setup)
         count = count.to(device)
         step_loss = torch.zeros((), device=device)
         for micro, (xm, ym) in enumerate(zip(x, y)):
-            last = micro == A - 1
-            if sharded:
-                model.set_requires_gradient_sync(last)
-            with train_model.no_sync() if world.distributed and not sharded and not last else nullcontext():
+            with parallel.micro_step(last=micro == A - 1):
                 with autocast():
-                    loss = train_model(xm, ym).float() * ((ym != -100).sum() / count)
-                (loss * W).backward()  # DDP averages over the W ranks: the sum of the shares is the step's mean
+                    loss = parallel.train(xm, ym).float() * ((ym != -100).sum() / count)
+                (loss * W).backward()  # DDP and FSDP average over the W ranks: the sum of the shares is the step's mean
             step_loss += loss.detach()
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], cfg.grad_clip)

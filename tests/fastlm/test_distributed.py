@@ -13,6 +13,7 @@ import torch.multiprocessing as mp
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 
+import fastlm.distributed
 import fastlm.finetune as finetune
 from fastlm import GPT
 from fastlm.distributed import World, world_from_env
@@ -139,7 +140,7 @@ def _counting_rank(rank: int, world_size: int, port: int, cfg, counts: Path) -> 
 
             self.register_comm_hook(None, hook)
 
-    finetune.DistributedDataParallel = CountingDDP
+    fastlm.distributed.DistributedDataParallel = CountingDDP
     finetune.run(cfg)
     (counts / f"rank{rank}").write_text(str(len(reductions)))
 
