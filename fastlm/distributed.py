@@ -96,10 +96,10 @@ class Parallel:
     sharded: bool
 
     def micro_step(self, last: bool):
-        """Context for one micro-batch's forward and backward: gradients are reduced across ranks on the last only."""
-        if self.sharded:
-            self.model.set_requires_gradient_sync(last)
-        elif isinstance(self.train, DistributedDataParallel) and not last:
+        """Context for one micro-batch's forward and backward. Replicated: gradients are all-reduced on the last
+        micro-batch only (no_sync before). Sharded: reduce-scattered on every one, as torchtitan does, since holding
+        them unsharded until the last would cost the whole model's gradients on every GPU."""
+        if isinstance(self.train, DistributedDataParallel) and not last:
             return self.train.no_sync()
         return nullcontext()
 

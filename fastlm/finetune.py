@@ -16,8 +16,8 @@ adapter_config.json); model.safetensors is always the whole (merged) model.
 Several GPUs or machines: `torchrun --nproc_per_node N -m fastlm.finetune ...` runs the same loop data-parallel
 (DistributedDataParallel, or FSDP2 with --fsdp; see fastlm.distributed). Every rank draws the same global step of
 `batch_size x grad_accum x N` windows and takes its own disjoint share, so N processes with batch b compute the
-same step as one process with batch N x b; only the last micro-batch of a step communicates (no_sync), the
-logged loss is the global mean, and only rank 0 prints and writes files.
+same step as one process with batch N x b; under DDP only the last micro-batch of a step communicates (no_sync),
+the logged loss is the global mean, and only rank 0 prints and writes files.
 """
 from __future__ import annotations
 
@@ -154,11 +154,11 @@ def choose_trainable(model: GPT, cfg: FinetuneConfig) -> str:
     return " and ".join(what)
 
 
-def make_optimizer(model: GPT, cfg: FinetuneConfig, device: torch.device, fused: bool = True) -> torch.optim.AdamW:
+def make_optimizer(model: GPT, cfg: FinetuneConfig, device: torch.device) -> torch.optim.AdamW:
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8, fused=fused and device.type == "cuda")
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8, fused=device.type == "cuda")
 
 
 # Checkpoints hold whole tensors keyed by parameter name, whatever the run's layout (one process, DDP, FSDP), so any
@@ -166,18 +166,21 @@ def make_optimizer(model: GPT, cfg: FinetuneConfig, device: torch.device, fused:
 WHOLE = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
-def load_optimizer_state(model: GPT, optimizer: torch.optim.Optimizer, state: dict, sharded: bool) -> None:
-    kept = [{k: group[k] for k in ("fused", "foreach") if k in group} for group in optimizer.param_groups]
-    by_name = any(isinstance(p, str) for group in state["param_groups"] for p in group["params"])
-    if by_name:
-        set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
-    elif sharded:
-        raise ValueError("--resume --fsdp: this checkpoint predates --fsdp (its optimizer state is not keyed by "
-                         "parameter name); resume it without --fsdp")
-    else:
-        optimizer.load_state_dict(state)
-    for group, settings in zip(optimizer.param_groups, kept):  # this run's kernels, not the saving run's
-        group.update(settings)
+def optimizer_state_by_name(model: GPT, cfg: FinetuneConfig, state: dict) -> dict:
+    """A checkpoint's optimizer state keyed by parameter name; older checkpoints keyed it by index (one process)."""
+    if any(isinstance(p, str) for group in state["param_groups"] for p in group["params"]):
+        return state
+    optimizer = make_optimizer(model, cfg, torch.device("cpu"))  # the plain model, as the older run built it
+    optimizer.load_state_dict(state)
+    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True))
+
+
+def load_optimizer_state(model: GPT, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Load a name-keyed whole state into this run's optimizer (plain, DDP or sharded), with this run's kernel
+    choice (fused or not): the saving run's flags would decide where AdamW keeps its step counters."""
+    flags = [{k: group[k] for k in ("fused", "foreach", "capturable") if k in group} for group in optimizer.param_groups]
+    groups = [{**saved, **ours} for saved, ours in zip(state["param_groups"], flags)]
+    set_optimizer_state_dict(model, optimizer, {**state, "param_groups": groups}, options=StateDictOptions(full_state_dict=True))
 
 
 RUN_FILES = ("checkpoint.pt", "metrics.jsonl", "model.safetensors", "config.json", "loss.png",
@@ -321,8 +324,9 @@ def prepare(cfg: FinetuneConfig, world: World) -> Setup:
     if checkpoint is not None:
         try:
             model.load_state_dict(checkpoint["model"])
+            checkpoint["optimizer"] = optimizer_state_by_name(model, cfg, checkpoint["optimizer"])
         except Exception as e:
-            raise ValueError(f"{checkpoint_path}: its weights do not fit this model ({str(e).splitlines()[0]})") from None
+            raise ValueError(f"{checkpoint_path}: its state does not fit this model ({str(e).splitlines()[0]})") from None
         say(f"resuming from {checkpoint_path} at step {checkpoint['step']}")
     seq_len = sequence_length(model, tokenizer, cfg.seq_len)
 
@@ -345,7 +349,7 @@ def train(cfg: FinetuneConfig, world: World, device: torch.device, setup: Setup)
     trainable = model.num_parameters(trainable_only=True)
     say(f"data: {setup.source}: {len(splits.train):,} training and {len(splits.val):,} validation tokens")
     say(f"training {setup.trains}: {trainable:,} of {model.num_parameters():,} parameters"
-        + (f" on {world.size} processes ({'FSDP: sharded' if cfg.fsdp else 'DDP: replicated'})" if world.distributed else ""))
+        + (f" on {world.size} processes" if world.distributed else ""))
     autocast_dtype = autocast_dtype_for(cfg.dtype, device)
     use_compile = device.type == "cuda" if cfg.compile is None else cfg.compile
 
@@ -353,11 +357,13 @@ def train(cfg: FinetuneConfig, world: World, device: torch.device, setup: Setup)
         say("--fsdp: a single process has nothing to shard; training as usual")
     parallel = distributed.parallelize(model, world, device, shard=cfg.fsdp, compile=use_compile)
     sharded = parallel.sharded
-    optimizer = make_optimizer(model, cfg, device, fused=not sharded)
+    if world.distributed:
+        say("FSDP: weights, gradients and optimizer state sharded" if sharded else "DDP: the model replicated on every process")
+    optimizer = make_optimizer(model, cfg, device)
     data_rng = torch.Generator().manual_seed(cfg.seed)
     step, metrics = 0, setup.metrics
     if checkpoint is not None:
-        load_optimizer_state(model, optimizer, checkpoint["optimizer"], sharded)
+        load_optimizer_state(model, optimizer, checkpoint["optimizer"])
         step = checkpoint["step"]
         data_rng.set_state(checkpoint["rng"]["data"])
         torch.set_rng_state(checkpoint["rng"]["torch"])
@@ -438,15 +444,23 @@ def train(cfg: FinetuneConfig, world: World, device: torch.device, setup: Setup)
         if saving and world.is_main:
             rng = {"data": data_rng.get_state(), "torch": torch.get_rng_state(),
                    "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+            if "lm_head.weight" in model_state:  # tied: one tensor, not two copies, in the file
+                model_state["lm_head.weight"] = model_state["transformer.wte.weight"]
             state = {"model": model_state, "optimizer": optimizer_state, "step": step, "rng": rng,
                      "model_config": dataclasses.asdict(model.config), "data_key": splits.key,
                      "finetune_config": dataclasses.asdict(cfg), "windows_per_step": windows_per_step(cfg, world),
                      "base_weights": setup.base_weights}
             _atomic_write(out / "checkpoint.pt", lambda tmp: torch.save(state, tmp))
+            del state
+        if saving:  # host copies: kept only as the end of a sharded run needs them
+            optimizer_state = None
+            model_state = model_state if sharded and step == cfg.max_steps else None
     if sharded and world.is_main:  # rank 0 goes on with a whole copy (the last step's checkpoint gathered it):
-        model = GPT(model.config, backend=cfg.backend)  # saving, merging adapters and sampling need every weight
+        with torch.device("meta"):  # saving, merging adapters and sampling need every weight
+            model = GPT(model.config, backend=cfg.backend)
         choose_trainable(model, cfg)
-        model.load_state_dict(model_state)
+        model.load_state_dict(model_state, assign=True)
+        model.lm_head.weight = model.transformer.wte.weight
         model.to(device)
     if not world.is_main:
         return {}

@@ -1,6 +1,7 @@
 """Data-parallel fine-tuning with torchrun on the CPU (gloo): 2 ranks x batch 2 is 1 process x batch 4 with DDP and
 with FSDP2, a checkpoint resumes on another number of processes and layout, and a rank that fails during set-up
 stops the whole job with one line."""
+import json
 import os
 import socket
 import subprocess
@@ -73,13 +74,13 @@ def test_two_ranks_equal_one_process_and_resume_on_another_layout(checkpoint, co
     done = torchrun(cli_args(two))
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("done: 8 steps") == 1 and done.stdout.count("fine-tuning ") == 1, "only rank 0 prints"
-    assert "on 2 processes (DDP: replicated)" in done.stdout
+    assert "DDP: the model replicated on every process" in done.stdout
     assert_same_run(tmp_path / "one" / "out", tmp_path / "two" / "out")
 
     sharded = config(checkpoint, corpus, tmp_path / "fsdp", batch_size=2, fsdp=True, **STEPS)  # FSDP2 in place of DDP
     done = torchrun(cli_args(sharded))
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "on 2 processes (FSDP: sharded)" in done.stdout
+    assert "FSDP: weights, gradients and optimizer state sharded" in done.stdout
     assert_same_run(tmp_path / "one" / "out", tmp_path / "fsdp" / "out")
 
     # One process stops after step 4 (checkpoint at 4); two FSDP processes of batch 2 resume it to step 8.
@@ -124,10 +125,22 @@ def test_world_from_torchrun_environment():
 
 
 
-def _counting_rank(rank: int, world_size: int, port: int, cfg, counts: Path) -> None:
-    """One rank of a torch.multiprocessing job: run the fine-tuning with DDP's all-reduces counted."""
+def spawn(worker, cfg, out: Path, world_size: int = 2) -> None:
+    """Run worker(rank, cfg, out) in world_size processes joined in a gloo group (torch.multiprocessing)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_join_and_run, args=(world_size, port, worker, cfg, out), nprocs=world_size, join=True)
+
+
+def _join_and_run(rank: int, world_size: int, port: int, worker, cfg, out: Path) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
+    worker(rank, cfg, out)
+
+
+def _count_all_reduces(rank: int, cfg, out: Path) -> None:
+    """Fine-tune with DDP's all-reduces counted (a communication hook)."""
     reductions = []
 
     class CountingDDP(DistributedDataParallel):
@@ -142,7 +155,33 @@ def _counting_rank(rank: int, world_size: int, port: int, cfg, counts: Path) -> 
 
     fastlm.distributed.DistributedDataParallel = CountingDDP
     finetune.run(cfg)
-    (counts / f"rank{rank}").write_text(str(len(reductions)))
+    (out / f"rank{rank}").write_text(str(len(reductions)))
+
+
+def _measure_shards(rank: int, cfg, out: Path) -> None:
+    """Fine-tune with --fsdp, recording what each rank holds of the parameters and of AdamW's state."""
+    from torch.distributed.tensor import DTensor
+
+    real_parallelize, real_optimizer, seen = fastlm.distributed.parallelize, finetune.make_optimizer, {}
+
+    def parallelize(*args, **kwargs):
+        parallel = real_parallelize(*args, **kwargs)
+        params = list(parallel.model.parameters())
+        seen.update(dtensors=all(isinstance(p, DTensor) for p in params), whole=sum(p.numel() for p in params),
+                    local=sum(p.to_local().numel() for p in params))
+        return parallel
+
+    def make_optimizer(*args, **kwargs):
+        optimizer = real_optimizer(*args, **kwargs)
+        seen["optimizer"] = optimizer
+        return optimizer
+
+    fastlm.distributed.parallelize, finetune.make_optimizer = parallelize, make_optimizer
+    finetune.run(cfg)
+    moments = [state["exp_avg"] for state in seen.pop("optimizer").state.values()]
+    seen["moments_local"] = sum(m.to_local().numel() for m in moments)
+    seen["moments_whole"] = sum(m.numel() for m in moments)
+    (out / f"rank{rank}.json").write_text(json.dumps(seen))
 
 
 def test_lora_under_ddp_reduces_once_per_step(checkpoint, corpus, tmp_path):  # noqa: F811
@@ -150,11 +189,20 @@ def test_lora_under_ddp_reduces_once_per_step(checkpoint, corpus, tmp_path):  # 
     --grad-accum 2 the gradients are all-reduced once per step (no_sync on the first micro-batch), not twice."""
     lora = dict(lora_rank=2, lora_targets="c_attn", lr=1e-2, **STEPS)
     finetune.run(config(checkpoint, corpus, tmp_path / "one", batch_size=4, **lora))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_counting_rank, args=(2, port, config(checkpoint, corpus, tmp_path / "two", batch_size=2, **lora), tmp_path),
-             nprocs=2, join=True)
+    spawn(_count_all_reduces, config(checkpoint, corpus, tmp_path / "two", batch_size=2, **lora), tmp_path)
     buckets = 1  # the adapters are far smaller than one DDP bucket
     assert [(tmp_path / f"rank{r}").read_text() for r in (0, 1)] == [str(STEPS["max_steps"] * buckets)] * 2
+    assert_same_run(tmp_path / "one" / "out", tmp_path / "two" / "out")
+
+
+def test_fsdp_shards_weights_and_optimizer_state_with_frozen_blocks(checkpoint, corpus, tmp_path):  # noqa: F811
+    """--fsdp really shards (each rank holds half of every parameter and of AdamW's moments), with frozen blocks
+    mixed in, and trains exactly as one process does."""
+    frozen = dict(train_layers=1, **STEPS)
+    finetune.run(config(checkpoint, corpus, tmp_path / "one", batch_size=4, **frozen))
+    spawn(_measure_shards, config(checkpoint, corpus, tmp_path / "two", batch_size=2, fsdp=True, **frozen), tmp_path)
+    for rank in (0, 1):
+        seen = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert seen["dtensors"], "every parameter is a DTensor shard"
+        assert seen["local"] <= seen["whole"] / 2 + 1024 and seen["moments_local"] <= seen["moments_whole"] / 2 + 1024, seen
     assert_same_run(tmp_path / "one" / "out", tmp_path / "two" / "out")

@@ -212,13 +212,31 @@ def test_half_precision_weights_train_in_fp32(checkpoint, corpus, tmp_path):
 
 
 def test_a_checkpoint_from_before_the_newer_settings_resumes(checkpoint, corpus, tmp_path):
-    """Checkpoints written before --train-layers, --lora-* and torchrun lack those settings: they mean the defaults."""
-    run(config(checkpoint, corpus, tmp_path, max_steps=2))
-    path = tmp_path / "out" / "checkpoint.pt"
+    """Older checkpoints lack --train-layers, --lora-*, the windows per step, and keyed AdamW's state by index:
+    they resume exactly as the same checkpoint in today's format does."""
+    import shutil
+
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    from fastlm.finetune import make_optimizer
+
+    run(config(checkpoint, corpus, tmp_path / "new", max_steps=2))
+    shutil.copytree(tmp_path / "new", tmp_path / "old")
+    path = tmp_path / "old" / "out" / "checkpoint.pt"
     state = torch.load(path, weights_only=False)
     for name in ("train_layers", "trainable", "lora_rank", "lora_alpha", "lora_targets", "lora_dropout"):
         del state["finetune_config"][name]
     del state["windows_per_step"], state["base_weights"]
+    model = GPT.from_pretrained(checkpoint)
+    model.load_state_dict(state["model"])
+    optimizer = make_optimizer(model, config(checkpoint, corpus, tmp_path), torch.device("cpu"))
+    set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
+    state["optimizer"] = optimizer.state_dict()  # keyed by index, as before
+    assert isinstance(next(iter(state["optimizer"]["state"])), int)
     torch.save(state, path)
-    run(config(checkpoint, corpus, tmp_path, max_steps=3, resume=True))
-    assert [m["step"] for m in read_metrics(tmp_path / "out")] == [1, 2, 3]
+    for name in ("new", "old"):
+        run(config(checkpoint, corpus, tmp_path / name, max_steps=3, resume=True))
+    losses = lambda name: [(m["loss"], m.get("val_loss")) for m in read_metrics(tmp_path / name / "out")]
+    assert losses("old") == losses("new")
+    new, old = (GPT.from_pretrained(tmp_path / name / "out").state_dict() for name in ("new", "old"))
+    assert all(torch.equal(new[k], old[k]) for k in new)
