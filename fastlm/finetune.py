@@ -404,7 +404,7 @@ def train(cfg: FinetuneConfig, world: World, device: torch.device, setup: Setup)
         count = (y != -100).sum().clamp(min=1)  # the step's target tokens over all ranks: each micro-batch weighs its share
         x, y = x.view(A, W, B, seq_len)[:, world.rank], y.view(A, W, B, seq_len)[:, world.rank]
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        count = count.to(device)
+        count = count.to(device, non_blocking=True)
         step_loss = torch.zeros((), device=device)
         for micro, (xm, ym) in enumerate(zip(x, y)):
             with parallel.micro_step(last=micro == A - 1):
