@@ -45,6 +45,11 @@ class World:
     def distributed(self) -> bool:
         return self.size > 1
 
+    def print(self, *args, **kwargs) -> None:
+        """print(), on rank 0 only."""
+        if self.is_main:
+            print(*args, **kwargs)
+
 
 class RankFailed(ValueError):
     """Another rank failed during set-up; the message names it (rank 0 prints it, the others stay quiet)."""

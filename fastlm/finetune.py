@@ -175,6 +175,16 @@ def optimizer_state_by_name(model: GPT, cfg: FinetuneConfig, state: dict) -> dic
     return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True))
 
 
+def save_checkpoint(path: Path, model: GPT, optimizer: torch.optim.Optimizer, world: World, extra: dict) -> None:
+    """checkpoint.pt with whole tensors keyed by name, written by rank 0 (under FSDP every rank must call this)."""
+    model_state = get_model_state_dict(model, options=WHOLE)
+    optimizer_state = get_optimizer_state_dict(model, optimizer, options=WHOLE)
+    if world.is_main:
+        if "lm_head.weight" in model_state:  # tied: one tensor, not two copies, in the file
+            model_state["lm_head.weight"] = model_state["transformer.wte.weight"]
+        _atomic_write(path, lambda tmp: torch.save({"model": model_state, "optimizer": optimizer_state, **extra}, tmp))
+
+
 def load_optimizer_state(model: GPT, optimizer: torch.optim.Optimizer, state: dict) -> None:
     """Load a name-keyed whole state into this run's optimizer (plain, DDP or sharded), with this run's kernel
     choice (fused or not): the saving run's flags would decide where AdamW keeps its step counters."""
@@ -282,7 +292,6 @@ def run(cfg: FinetuneConfig) -> dict:
 
 def prepare(cfg: FinetuneConfig, world: World) -> Setup:
     """The output directory, the model (what trains frozen or not, resumed or not) and the data; on every rank."""
-    say = print if world.is_main else _quiet
     out = prepare_out(cfg.out, cfg.resume, cfg.overwrite) if world.is_main else Path(cfg.out)
     checkpoint_path = out / "checkpoint.pt"
     torch.manual_seed(cfg.seed)
@@ -315,10 +324,10 @@ def prepare(cfg: FinetuneConfig, world: World) -> Setup:
     elif cfg.weights is not None:
         # fp32 master weights whatever the file holds: low precision comes from autocast, and AdamW updates stay exact
         model = GPT.from_pretrained(cfg.weights, backend=cfg.backend, dtype=torch.float32)
-        say(f"fine-tuning {cfg.weights}: {model.num_parameters() / 1e6:.1f}M parameters")
+        world.print(f"fine-tuning {cfg.weights}: {model.num_parameters() / 1e6:.1f}M parameters")
     else:
         model = GPT(SCRATCH_MODEL, backend=cfg.backend)
-        say(f"no --weights given: training a small GPT-2 from scratch ({SCRATCH_MODEL.n_layer} layers, "
+        world.print(f"no --weights given: training a small GPT-2 from scratch ({SCRATCH_MODEL.n_layer} layers, "
             f"{SCRATCH_MODEL.n_embd} wide, {model.num_parameters() / 1e6:.1f}M parameters)")
     trains = choose_trainable(model, cfg)
     if checkpoint is not None:
@@ -327,7 +336,7 @@ def prepare(cfg: FinetuneConfig, world: World) -> Setup:
             checkpoint["optimizer"] = optimizer_state_by_name(model, cfg, checkpoint["optimizer"])
         except Exception as e:
             raise ValueError(f"{checkpoint_path}: its state does not fit this model ({str(e).splitlines()[0]})") from None
-        say(f"resuming from {checkpoint_path} at step {checkpoint['step']}")
+        world.print(f"resuming from {checkpoint_path} at step {checkpoint['step']}")
     seq_len = sequence_length(model, tokenizer, cfg.seq_len)
 
     source = cfg.data or "pydoc_data.topics (Python's documentation)"
@@ -344,21 +353,20 @@ def prepare(cfg: FinetuneConfig, world: World) -> Setup:
 
 
 def train(cfg: FinetuneConfig, world: World, device: torch.device, setup: Setup) -> dict:
-    say = print if world.is_main else _quiet
     model, splits, out, checkpoint, seq_len = setup.model, setup.splits, setup.out, setup.checkpoint, setup.seq_len
     trainable = model.num_parameters(trainable_only=True)
-    say(f"data: {setup.source}: {len(splits.train):,} training and {len(splits.val):,} validation tokens")
-    say(f"training {setup.trains}: {trainable:,} of {model.num_parameters():,} parameters"
+    world.print(f"data: {setup.source}: {len(splits.train):,} training and {len(splits.val):,} validation tokens")
+    world.print(f"training {setup.trains}: {trainable:,} of {model.num_parameters():,} parameters"
         + (f" on {world.size} processes" if world.distributed else ""))
     autocast_dtype = autocast_dtype_for(cfg.dtype, device)
     use_compile = device.type == "cuda" if cfg.compile is None else cfg.compile
 
     if cfg.fsdp and not world.distributed:
-        say("--fsdp: a single process has nothing to shard; training as usual")
+        world.print("--fsdp: a single process has nothing to shard; training as usual")
     parallel = distributed.parallelize(model, world, device, shard=cfg.fsdp, compile=use_compile)
     sharded = parallel.sharded
     if world.distributed:
-        say("FSDP: weights, gradients and optimizer state sharded" if sharded else "DDP: the model replicated on every process")
+        world.print("FSDP: weights, gradients and optimizer state sharded" if sharded else "DDP: the model replicated on every process")
     optimizer = make_optimizer(model, cfg, device)
     data_rng = torch.Generator().manual_seed(cfg.seed)
     step, metrics = 0, setup.metrics
@@ -377,7 +385,7 @@ def train(cfg: FinetuneConfig, world: World, device: torch.device, setup: Setup)
     tokens_per_step = windows_per_step(cfg, world) * seq_len  # the whole job's
     val_x, val_y = eval_windows(splits.val, cfg.eval_batches * B * W, seq_len)
     val_x, val_y = val_x.view(W, -1, seq_len)[world.rank], val_y.view(W, -1, seq_len)[world.rank]  # this rank's share
-    plotting = world.is_main
+    plotting = True  # until loss.png cannot be drawn
     progress = Progress(cfg.max_steps) if world.is_main else None
     pending, last_time, first_step, start_time = [], time.perf_counter(), step, time.perf_counter()
     if device.type == "cuda":
@@ -439,27 +447,20 @@ def train(cfg: FinetuneConfig, world: World, device: torch.device, setup: Setup)
                 if evaluating and plotting:
                     plotting = _plot(metrics, out / "loss.png", progress)
         if saving and (world.is_main or sharded):
-            model_state = get_model_state_dict(model, options=WHOLE)
-            optimizer_state = get_optimizer_state_dict(model, optimizer, options=WHOLE)
-        if saving and world.is_main:
             rng = {"data": data_rng.get_state(), "torch": torch.get_rng_state(),
                    "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
-            if "lm_head.weight" in model_state:  # tied: one tensor, not two copies, in the file
-                model_state["lm_head.weight"] = model_state["transformer.wte.weight"]
-            state = {"model": model_state, "optimizer": optimizer_state, "step": step, "rng": rng,
-                     "model_config": dataclasses.asdict(model.config), "data_key": splits.key,
-                     "finetune_config": dataclasses.asdict(cfg), "windows_per_step": windows_per_step(cfg, world),
-                     "base_weights": setup.base_weights}
-            _atomic_write(out / "checkpoint.pt", lambda tmp: torch.save(state, tmp))
-            del state
-        if saving:  # host copies: kept only as the end of a sharded run needs them
-            optimizer_state = None
-            model_state = model_state if sharded and step == cfg.max_steps else None
-    if sharded and world.is_main:  # rank 0 goes on with a whole copy (the last step's checkpoint gathered it):
-        with torch.device("meta"):  # saving, merging adapters and sampling need every weight
+            save_checkpoint(out / "checkpoint.pt", model, optimizer, world, dict(
+                step=step, rng=rng, model_config=dataclasses.asdict(model.config), data_key=splits.key,
+                finetune_config=dataclasses.asdict(cfg), windows_per_step=windows_per_step(cfg, world),
+                base_weights=setup.base_weights))
+    if sharded:  # rank 0 goes on with a whole copy: saving, merging adapters and sampling need every weight
+        whole = get_model_state_dict(model, options=WHOLE)  # a collective: every rank gathers
+        if not world.is_main:
+            return {}
+        with torch.device("meta"):
             model = GPT(model.config, backend=cfg.backend)
         choose_trainable(model, cfg)
-        model.load_state_dict(model_state, assign=True)
+        model.load_state_dict(whole, assign=True)
         model.lm_head.weight = model.transformer.wte.weight
         model.to(device)
     if not world.is_main:
@@ -471,10 +472,6 @@ def train(cfg: FinetuneConfig, world: World, device: torch.device, setup: Setup)
         lora.merge_lora(model)
     model.save_pretrained(out)
     return _summary(model, metrics, cfg, device, start_time, first_step, tokens_per_step, setup.tokenizer, out, trainable)
-
-
-def _quiet(*args, **kwargs) -> None:
-    """print() for ranks other than 0."""
 
 
 def _plot(metrics: list[dict], path: Path, progress: Progress) -> bool:
