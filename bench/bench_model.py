@@ -60,7 +60,8 @@ def bench_train_step(gpu_bench, benchmark, provider):
 @pytest.mark.parametrize("trains", ["everything", "last 2 blocks", "LoRA r=8"])
 def bench_train_step_partial(gpu_bench, benchmark, trains):
     """What choosing what trains saves: the same fastlm step (our kernels, compiled) with frozen parts."""
-    from fastlm.finetune import FinetuneConfig, choose_trainable
+    from fastlm.finetune import FinetuneConfig
+    from fastlm.trainable import choose_trainable
 
     benchmark.group = f"train_step gpt2-124M batch {BATCH} x seq {SEQ} bf16, what trains"
     model, config = _model("triton")

@@ -1,7 +1,8 @@
 """Benchmark harness: GPU timing with pytest-benchmark.
 
 Each benchmark warms up outside the timed call (autotune, torch.compile), synchronises the GPU inside it, and
-flushes the L2 cache before every round so a kernel is never timed from cache. Without CUDA every benchmark
+flushes the L2 cache before every round, waiting for the flush to finish before the timer starts, so a kernel is
+never timed from cache nor with the flush. Without CUDA every benchmark
 is collected and skipped with the reason, so `pytest bench --collect-only` keeps the suite importable in CI.
 """
 import os
@@ -32,35 +33,41 @@ def optional_import(name: str):
         return None
 
 
-@pytest.fixture
-def gpu_bench(benchmark):
-    """gpu_bench(fn, **extra_info) times fn() on the GPU and records extra_info and peak memory.
+def flush_l2(buffer: torch.Tensor) -> None:
+    """Evict the L2 cache by writing `buffer`, and wait until the write is done: pytest-benchmark starts its timer
+    when setup returns, and a memset that is only enqueued would be timed with the work."""
+    buffer.zero_()
+    torch.cuda.synchronize()
 
-    Values in extra_info that are callables of the median time in seconds (e.g. GB/s) are evaluated after timing.
-    """
-    flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.uint8, device="cuda")
 
-    def run(fn, rounds=20, warmup=3, **extra_info):
-        for _ in range(warmup):
-            fn()
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
+def time_on_gpu(benchmark, fn, flush: torch.Tensor, rounds: int = 20, warmup: int = 3, **extra_info) -> None:
+    """Time fn() with pytest-benchmark: warm-up outside the timer, an L2 flush that has finished before each round,
+    a synchronize inside the timed call; record peak memory and extra_info (callables of the median seconds)."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    peak_bytes = torch.cuda.max_memory_allocated() - base
+
+    def timed():
         fn()
         torch.cuda.synchronize()
-        peak_bytes = torch.cuda.max_memory_allocated() - base
 
-        def timed():
-            fn()
-            torch.cuda.synchronize()
+    benchmark.pedantic(timed, setup=lambda: flush_l2(flush), rounds=rounds, iterations=1, warmup_rounds=0)
+    median = benchmark.stats.stats.median
+    benchmark.extra_info["peak_memory_mib"] = round(peak_bytes / 2**20, 1)  # above what was allocated before
+    resident = base - flush.numel()  # weights, optimizer state, inputs: not the L2-flush buffer
+    benchmark.extra_info["resident_memory_mib"] = round(resident / 2**20, 1)
+    benchmark.extra_info["device"] = torch.cuda.get_device_name()
+    for key, value in extra_info.items():
+        benchmark.extra_info[key] = round(value(median), 2) if callable(value) else value
 
-        benchmark.pedantic(timed, setup=flush.zero_, rounds=rounds, iterations=1, warmup_rounds=0)
-        median = benchmark.stats.stats.median
-        benchmark.extra_info["peak_memory_mib"] = round(peak_bytes / 2**20, 1)  # above what was allocated before
-        resident = base - flush.numel()  # weights, optimizer state, inputs: not the L2-flush buffer
-        benchmark.extra_info["resident_memory_mib"] = round(resident / 2**20, 1)
-        benchmark.extra_info["device"] = torch.cuda.get_device_name()
-        for key, value in extra_info.items():
-            benchmark.extra_info[key] = round(value(median), 2) if callable(value) else value
 
-    return run
+@pytest.fixture
+def gpu_bench(benchmark):
+    """gpu_bench(fn, **extra_info) times fn() on the GPU (see time_on_gpu) and records extra_info and peak memory."""
+    flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.uint8, device="cuda")
+    return lambda fn, rounds=20, warmup=3, **extra_info: time_on_gpu(benchmark, fn, flush, rounds, warmup, **extra_info)

@@ -1,6 +1,7 @@
 """Command lines generated from dataclasses: each field is a flag, its `help` metadata the help text, and the
-dataclass docstring the description. Booleans get --name/--no-name. Errors in user input end the program with
-one line on stderr and exit status 2, never a traceback."""
+dataclass docstring the description. Booleans get --name/--no-name. A dataclass may list flags it no longer has
+in a `RENAMED_FLAGS` class attribute ({"--old": "--new"}): the old spelling is then an error naming the new one.
+Errors in user input end the program with one line on stderr and exit status 2, never a traceback."""
 from __future__ import annotations
 
 import argparse
@@ -8,8 +9,6 @@ import dataclasses
 import sys
 import types
 import typing
-
-import torch
 
 
 def _base_type(hint):
@@ -39,6 +38,10 @@ def build_parser(cls, prog: str) -> argparse.ArgumentParser:
 
 
 def parse_args(cls, argv=None, prog: str | None = None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    for old, new in getattr(cls, "RENAMED_FLAGS", {}).items():
+        if any(arg == old or arg.startswith(old + "=") for arg in argv):
+            fail(f"{old} is now {new} ({prog or cls.__name__} --help lists every flag)")
     args = build_parser(cls, prog or cls.__name__).parse_args(argv)
     return cls(**vars(args))
 
@@ -46,41 +49,3 @@ def parse_args(cls, argv=None, prog: str | None = None):
 def fail(message: str) -> typing.NoReturn:
     print(f"error: {message}", file=sys.stderr)
     raise SystemExit(2)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise ValueError(f"--device {name!r} is not a device (try cpu, cuda, cuda:1)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available on this machine")
-    return device
-
-
-AUTOCAST_DTYPES = ("auto", "float32", "bfloat16")  # --dtype of the training and evaluation CLIs
-
-
-def autocast_dtype_for(dtype: str, device: torch.device) -> torch.dtype | None:
-    """--dtype: "auto" is bfloat16 autocast on CUDA and plain fp32 elsewhere; None means no autocast."""
-    return torch.bfloat16 if dtype == "bfloat16" or (dtype == "auto" and device.type == "cuda") else None
-
-
-def check_backend(backend: str, device: torch.device) -> None:
-    from kernels._utils import use_triton
-
-    if backend == "triton" and not use_triton(torch.empty(0, device=device)):
-        raise ValueError(f"--backend triton needs a CUDA device (or TRITON_INTERPRET=1 on the CPU); this run is on {device}")
-
-
-def sequence_length(model, tokenizer, seq_len: int | None) -> int:
-    """--seq-len for this model (default: its context, at most 1024), after checking it reads GPT-2's tokens."""
-    if model.config.vocab_size < tokenizer.vocab_size:
-        raise ValueError(f"the model's vocabulary of {model.config.vocab_size} is smaller than the GPT-2 tokenizer's "
-                         f"{tokenizer.vocab_size}: not a GPT-2 vocabulary")
-    seq_len = seq_len or min(model.config.block_size, 1024)
-    if seq_len > model.config.block_size:
-        raise ValueError(f"--seq-len {seq_len} is longer than the model's context of {model.config.block_size} tokens")
-    return seq_len

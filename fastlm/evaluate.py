@@ -22,9 +22,8 @@ is part of that text and counts its 13 bytes. Normalised by bytes rather than to
 models with different tokenizers.
 
 The hidden states come from GPT.hidden_states (bfloat16 autocast on CUDA by default); the LM head and the
-summed cross-entropy run in fp32 on either path: kernels.linear_cross_entropy (the logits are never built)
-when the Triton kernels run, otherwise F.cross_entropy on one batch's fp32 logits. Sums accumulate in fp64
-on the device and are read back once, at the end.
+summed cross-entropy are GPT.loss with an fp32 head, whichever backend runs (on triton the logits are never
+built). Sums accumulate in fp64 on the device and are read back once, at the end.
 """
 from __future__ import annotations
 
@@ -36,15 +35,13 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-import kernels
-from fastlm.cli import AUTOCAST_DTYPES, autocast_dtype_for, check_backend, fail, parse_args, resolve_device, sequence_length
+from fastlm.cli import fail, parse_args
 from fastlm.data import DataError, read_documents
 from fastlm.model import BACKENDS, GPT
+from fastlm.runtime import AUTOCAST_CHOICES, autocast_dtype, check_backend, resolve_device, sequence_length
 from fastlm.tokenizer import ASSETS, get_tokenizer
-
 
 
 @dataclass
@@ -57,9 +54,11 @@ class EvaluateConfig:
     stride: int | None = field(default=None, metadata={"help": "tokens the window advances by, in [1, seq-len] (default: seq-len // 2)"})
     batch_size: int = field(default=4, metadata={"help": "windows per forward pass (does not change the result)"})
     device: str = field(default="auto", metadata={"help": "cuda, cpu, ... (auto: cuda when available)"})
-    dtype: str = field(default="auto", metadata={"help": "auto: bfloat16 autocast on CUDA, float32 on CPU", "choices": AUTOCAST_DTYPES})
+    autocast: str = field(default="auto", metadata={"help": "the model body under autocast in this dtype (auto: bfloat16 on CUDA, off elsewhere); the head and loss stay fp32", "choices": AUTOCAST_CHOICES})
     backend: str = field(default="auto", metadata={"help": "kernels: triton, torch, or auto", "choices": BACKENDS})
     json: bool = field(default=False, metadata={"help": "print one JSON object instead of the human-readable line"})
+
+    RENAMED_FLAGS = {"--dtype": "--autocast"}
 
 
 # -----------------------------------------------------------------------------
@@ -107,16 +106,8 @@ def _batches(spans: list[tuple[int, int, int]], batch_size: int):
 
 def _summed_nll(model: GPT, x: Tensor, y: Tensor) -> Tensor:
     """Sum of -ln p(y | x) over the targets != -100, fp32. x, y: (B, T)."""
-    h, triton = model.hidden_states(x)  # (B, T, C)
-    weight = model.lm_head.weight.float()
-    # fp32 head and loss on both paths: the kernel returns the sum in x's dtype, and a bf16 sum of a few
-    # thousand nats is off in the second decimal
-    h = h.flatten(0, 1).float()
-    if triton:
-        return kernels.linear_cross_entropy(h, weight, y.flatten(), reduction="sum")
-    with torch.autocast(x.device.type, enabled=False):
-        logits = F.linear(h, weight)  # (B*T, vocab): one batch's logits, never more
-        return F.cross_entropy(logits, y.flatten(), ignore_index=-100, reduction="sum")
+    # an fp32 head and loss: a 16-bit sum of a few thousand nats is off in the second decimal
+    return model.loss(model.hidden_states(x), y, reduction="sum", fp32_head=True)
 
 
 @torch.no_grad()
@@ -204,7 +195,7 @@ def run(cfg: EvaluateConfig) -> dict:
     validate(cfg)
     device = resolve_device(cfg.device)
     check_backend(cfg.backend, device)
-    autocast_dtype = autocast_dtype_for(cfg.dtype, device)
+    autocast = autocast_dtype(cfg.autocast, device)
     tokenizer = get_tokenizer()
     ids = text_ids(read_documents(cfg.data), tokenizer)
     if len(ids) < 2:
@@ -216,9 +207,9 @@ def run(cfg: EvaluateConfig) -> dict:
     if stride > seq_len:
         raise ValueError(f"--stride {stride} is larger than --seq-len {seq_len}: some tokens would never be scored")
     start = time.perf_counter()
-    result = evaluate(model, ids, seq_len, stride, cfg.batch_size, autocast_dtype)
+    result = evaluate(model, ids, seq_len, stride, cfg.batch_size, autocast)
     result["seconds"] = round(time.perf_counter() - start, 3)
-    result.update(weights=cfg.weights, data=cfg.data, dtype=str(autocast_dtype or torch.float32).removeprefix("torch."))
+    result.update(weights=cfg.weights, data=cfg.data, autocast=str(autocast).removeprefix("torch.") if autocast else "off")
     return result
 
 

@@ -4,14 +4,12 @@ One step: `batch_size x grad_accum` random windows of `seq_len` tokens, the loss
 whole token count (so accumulation 4 x batch 4 is batch 16), gradient clipping, AdamW (fused on CUDA; weight
 decay on matrices and embeddings only) on a warmup + cosine schedule. The loop syncs with the GPU only every
 `--log-every` steps; metrics.jsonl still records every step. Output (in --out): model.safetensors + config.json
-(transformers loads them), metrics.jsonl, and checkpoint.pt for --resume; every file is written to a
-temporary name and renamed, so an interrupted run never leaves a half-written file; loss.png (train and
-validation curves) too when matplotlib is installed.
+(transformers loads them), metrics.jsonl, loss.png when matplotlib is installed, and checkpoint.pt for
+--resume (fastlm.checkpoint); every file is written to a temporary name and renamed.
 
-What trains: everything, or only the last --train-layers blocks and/or the parameters named by --trainable, or
-low-rank adapters (--lora-rank) on a frozen base. Frozen parameters get no gradient and no optimizer state. A LoRA
-run also writes its adapters in Hugging Face PEFT's layout (adapter/adapter_model.safetensors +
-adapter_config.json); model.safetensors is always the whole (merged) model.
+What trains (fastlm.trainable): everything, or only the last --train-layers blocks and/or the parameters named by
+--trainable, or low-rank adapters (--lora-rank) on a frozen base. A LoRA run also writes its adapters in Hugging
+Face PEFT's layout (adapter/); model.safetensors is always the whole (merged) model.
 
 Several GPUs or machines: `torchrun --nproc_per_node N -m fastlm.finetune ...` runs the same loop data-parallel
 (DistributedDataParallel, or FSDP2 with --fsdp; see fastlm.distributed). Every rank draws the same global step of
@@ -22,28 +20,26 @@ the logged loss is the global mean, and only rank 0 prints and writes files.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import resource
-import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
-                                                     set_optimizer_state_dict)
+from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
+from fastlm import checkpoint as ckpt
 from fastlm import distributed, lora
-from fastlm.cli import AUTOCAST_DTYPES, autocast_dtype_for, check_backend, fail, parse_args, resolve_device, sequence_length
+from fastlm.cli import fail, parse_args
 from fastlm.config import GPTConfig
-from fastlm.data import eval_windows, random_windows, read_documents, split, tokenize
-from fastlm.distributed import RankFailed, World
+from fastlm.data import Splits, eval_windows, random_windows, read_documents, split, tokenize
+from fastlm.distributed import Parallel, RankFailed, World
 from fastlm.model import BACKENDS, GPT
-from fastlm.plot import PLOT_HINT, write_loss_plot
-from fastlm.tokenizer import get_tokenizer
-from fastlm.weights import _atomic_write
+from fastlm.progress import Progress, plot_losses, read_metrics, write_metrics
+from fastlm.runtime import AUTOCAST_CHOICES, autocast_dtype, check_backend, resolve_device, sequence_length
+from fastlm.tokenizer import Tokenizer, get_tokenizer
+from fastlm.trainable import choose_trainable
 
 SCRATCH_MODEL = GPTConfig(n_layer=4, n_head=4, n_embd=128, block_size=64)  # no --weights: small and quick on a CPU
 
@@ -70,7 +66,7 @@ class FinetuneConfig:
     log_every: int = field(default=10, metadata={"help": "read losses back from the device every N steps"})
     seed: int = field(default=1337, metadata={"help": "random seed (model init, data order, sampling)"})
     device: str = field(default="auto", metadata={"help": "cuda, cpu, ... (auto: cuda when available)"})
-    dtype: str = field(default="auto", metadata={"help": "auto: bfloat16 autocast on CUDA, float32 on CPU", "choices": AUTOCAST_DTYPES})
+    autocast: str = field(default="auto", metadata={"help": "compute in this dtype under autocast, weights kept fp32 (auto: bfloat16 on CUDA, off elsewhere)", "choices": AUTOCAST_CHOICES})
     backend: str = field(default="auto", metadata={"help": "kernels: triton, torch, or auto", "choices": BACKENDS})
     compile: bool | None = field(default=None, metadata={"help": "torch.compile the model (default: on for CUDA)"})
     resume: bool = field(default=False, metadata={"help": "continue from OUT/checkpoint.pt"})
@@ -85,6 +81,8 @@ class FinetuneConfig:
     lora_targets: str = field(default="c_attn,c_proj,c_fc", metadata={"help": "comma-separated projections that get adapters"})
     lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA branch's input"})
     fsdp: bool = field(default=False, metadata={"help": "under torchrun: shard weights, gradients and optimizer state across the processes (FSDP2) instead of replicating them (DDP)"})
+
+    RENAMED_FLAGS = {"--dtype": "--autocast"}
 
 
 # -----------------------------------------------------------------------------
@@ -126,32 +124,14 @@ def learning_rate(step: int, cfg: FinetuneConfig) -> float:
     return min_lr + 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))) * (cfg.lr - min_lr)
 
 
-def choose_trainable(model: GPT, cfg: FinetuneConfig) -> str:
-    """Freeze what --train-layers / --trainable / --lora-rank leave out; returns what trains, in words."""
-    if cfg.lora_rank:
-        targets = [t.strip() for t in cfg.lora_targets.split(",") if t.strip()]
-        lora.apply_lora(model, cfg.lora_rank, cfg.lora_alpha or float(cfg.lora_rank), targets, cfg.lora_dropout)
-        return f"LoRA rank {cfg.lora_rank} adapters on {', '.join(targets)}"
-    patterns, what = [], []
-    if cfg.train_layers is not None:
-        n = model.config.n_layer
-        if cfg.train_layers > n:
-            raise ValueError(f"--train-layers {cfg.train_layers}: the model has only {n} blocks")
-        patterns += [f"transformer.h.{i}." for i in range(n - cfg.train_layers, n)] + ["transformer.ln_f."]
-        what.append(f"the last {cfg.train_layers} blocks and ln_f")
-    if cfg.trainable:
-        names = [name for name, _ in model.named_parameters(remove_duplicate=False)]  # lm_head.weight too (tied)
-        for pattern in filter(None, (p.strip() for p in cfg.trainable.split(","))):
-            if not any(pattern in name for name in names):
-                raise ValueError(f"--trainable {pattern!r} matches no parameter (names look like {names[2]})")
-            patterns.append(pattern)
-        what.append(f"parameters matching {cfg.trainable}")
-    if not patterns:
-        return "every parameter"
-    chosen = {id(p) for name, p in model.named_parameters(remove_duplicate=False) if any(pat in name for pat in patterns)}
-    for p in model.parameters():
-        p.requires_grad_(id(p) in chosen)
-    return " and ".join(what)
+def learning_rate(step: int, cfg: FinetuneConfig) -> float:
+    """Linear warmup (scaled down for short runs), then cosine decay to min_lr at max_steps."""
+    warmup = min(cfg.warmup_steps, cfg.max_steps // 10)
+    min_lr = cfg.lr / 10 if cfg.min_lr is None else cfg.min_lr
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, cfg.max_steps - warmup)
+    return min_lr + 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))) * (cfg.lr - min_lr)
 
 
 def make_optimizer(model: GPT, cfg: FinetuneConfig, device: torch.device) -> torch.optim.AdamW:
@@ -161,93 +141,8 @@ def make_optimizer(model: GPT, cfg: FinetuneConfig, device: torch.device) -> tor
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8, fused=device.type == "cuda")
 
 
-# Checkpoints hold whole tensors keyed by parameter name, whatever the run's layout (one process, DDP, FSDP), so any
-# of them resumes any other. Gathering FSDP's shards is a collective: every rank calls these.
-WHOLE = StateDictOptions(full_state_dict=True, cpu_offload=True)
-
-
-def optimizer_state_by_name(model: GPT, cfg: FinetuneConfig, state: dict) -> dict:
-    """A checkpoint's optimizer state keyed by parameter name; older checkpoints keyed it by index (one process)."""
-    if any(isinstance(p, str) for group in state["param_groups"] for p in group["params"]):
-        return state
-    optimizer = make_optimizer(model, cfg, torch.device("cpu"))  # the plain model, as the older run built it
-    optimizer.load_state_dict(state)
-    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True))
-
-
-def save_checkpoint(path: Path, model: GPT, optimizer: torch.optim.Optimizer, world: World, extra: dict) -> None:
-    """checkpoint.pt with whole tensors keyed by name, written by rank 0 (under FSDP every rank must call this)."""
-    model_state = get_model_state_dict(model, options=WHOLE)
-    optimizer_state = get_optimizer_state_dict(model, optimizer, options=WHOLE)
-    if world.is_main:
-        if "lm_head.weight" in model_state:  # tied: one tensor, not two copies, in the file
-            model_state["lm_head.weight"] = model_state["transformer.wte.weight"]
-        _atomic_write(path, lambda tmp: torch.save({"model": model_state, "optimizer": optimizer_state, **extra}, tmp))
-
-
-def load_optimizer_state(model: GPT, optimizer: torch.optim.Optimizer, state: dict) -> None:
-    """Load a name-keyed whole state into this run's optimizer (plain, DDP or sharded), with this run's kernel
-    choice (fused or not): the saving run's flags would decide where AdamW keeps its step counters."""
-    flags = [{k: group[k] for k in ("fused", "foreach", "capturable") if k in group} for group in optimizer.param_groups]
-    groups = [{**saved, **ours} for saved, ours in zip(state["param_groups"], flags)]
-    set_optimizer_state_dict(model, optimizer, {**state, "param_groups": groups}, options=StateDictOptions(full_state_dict=True))
-
-
-RUN_FILES = ("checkpoint.pt", "metrics.jsonl", "model.safetensors", "config.json", "loss.png",
-             "adapter/adapter_model.safetensors", "adapter/adapter_config.json")
-# They change the data stream or what trains. The batch may be split differently (batch size, accumulation,
-# processes) as long as each step takes the same number of windows: see windows_per_step.
-RESUME_MUST_MATCH = ("seq_len", "seed", "val_fraction", "train_layers", "trainable", "lora_rank", "lora_alpha",
-                     "lora_targets", "lora_dropout")
-
-
 def windows_per_step(cfg: FinetuneConfig, world: World) -> int:
     return cfg.batch_size * cfg.grad_accum * world.size
-
-
-def prepare_out(path: str, resume: bool = False, overwrite: bool = False) -> Path:
-    out = Path(path)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out}: exists and is not a directory")
-    earlier = [name for name in RUN_FILES if (out / name).exists()]
-    if earlier and not resume and not overwrite:
-        raise ValueError(f"--out {out} already holds {earlier[0]}: continue it with --resume, replace it with --overwrite, "
-                         f"or choose another --out")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out):
-            pass
-    except OSError as e:
-        raise ValueError(f"--out {out}: cannot write there ({e.strerror})") from None
-    return out
-
-
-class Progress:
-    """A one-line bar on a terminal, plain log lines otherwise."""
-
-    def __init__(self, total: int, stream=None):
-        self.total, self.stream = total, stream or sys.stderr
-        self.tty = self.stream.isatty()
-
-    def update(self, step: int, loss: float, lr: float, tokens_per_s: float, seconds_left: float, val_loss=None) -> None:
-        val = f" val {val_loss:.4f}" if val_loss is not None else ""
-        eta = time.strftime("%H:%M:%S", time.gmtime(max(0.0, seconds_left)))
-        if self.tty:
-            filled = int(30 * step / self.total)
-            bar = "#" * filled + "." * (30 - filled)
-            self.stream.write(f"\rstep {step}/{self.total} [{bar}] loss {loss:.4f}{val} lr {lr:.2e} {tokens_per_s:,.0f} tok/s left {eta} ")
-        else:
-            self.stream.write(f"step {step}/{self.total} loss {loss:.4f}{val} lr {lr:.2e} {tokens_per_s:,.0f} tok/s left {eta}\n")
-        self.stream.flush()
-
-    def note(self, message: str) -> None:
-        """A line of its own, without breaking the bar."""
-        self.stream.write(("\n" if self.tty else "") + message + "\n")
-        self.stream.flush()
-
-    def close(self) -> None:
-        if self.tty:
-            self.stream.write("\n")
 
 
 # -----------------------------------------------------------------------------
@@ -256,14 +151,14 @@ class Setup:
     """What a rank needs to start training, made by `prepare` (which may fail on one rank only)."""
 
     model: GPT
-    trains: str
-    tokenizer: object
-    splits: object
-    source: str
+    trains: str              # what trains, in words
+    tokenizer: Tokenizer
+    splits: Splits
+    source: str              # the data, in words
     out: Path
-    checkpoint: dict | None
+    checkpoint: dict | None  # when resuming
     seq_len: int
-    metrics: list            # the earlier records of a resumed run (rank 0)
+    metrics: list[dict]      # the earlier records of a resumed run (rank 0)
     base_weights: str | None  # the --weights the run started from, for the adapters' config
 
 
@@ -281,8 +176,7 @@ def run(cfg: FinetuneConfig) -> dict:
         distributed.close(world)  # every rank stops here together: a clean teardown
         raise
     if world.is_main and cfg.overwrite and not cfg.resume:
-        for name in RUN_FILES:  # the earlier run's files, so none of them lingers beside this run's
-            (setup.out / name).unlink(missing_ok=True)
+        ckpt.clear_earlier_run(setup.out)
     summary = train(cfg, world, device, setup)
     # Not in a `finally`: after a failure in training other ranks may be waiting in a collective, and tearing the
     # group down under them hangs (NCCL); the failing process exits instead and torchrun stops the others.
@@ -292,51 +186,31 @@ def run(cfg: FinetuneConfig) -> dict:
 
 def prepare(cfg: FinetuneConfig, world: World) -> Setup:
     """The output directory, the model (what trains frozen or not, resumed or not) and the data; on every rank."""
-    out = prepare_out(cfg.out, cfg.resume, cfg.overwrite) if world.is_main else Path(cfg.out)
-    checkpoint_path = out / "checkpoint.pt"
+    out = ckpt.prepare_out(cfg.out, cfg.resume, cfg.overwrite) if world.is_main else Path(cfg.out)
     torch.manual_seed(cfg.seed)
     tokenizer = get_tokenizer()
-
-    checkpoint = None
-    if cfg.resume:
-        if not checkpoint_path.is_file():
-            raise ValueError(f"--resume: no checkpoint.pt in {out}" + ("" if world.is_main else
-                             " (every process reads it: put --out on a filesystem all machines share)"))
-        try:
-            checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False, mmap=True)
-            model = GPT(GPTConfig(**checkpoint["model_config"]), backend=cfg.backend)
-            saved = checkpoint["finetune_config"]
-        except Exception as e:
-            raise ValueError(f"{checkpoint_path}: not a fastlm fine-tuning checkpoint ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
-        defaults = {f.name: f.default for f in dataclasses.fields(FinetuneConfig)}  # for settings older checkpoints lack
-        changed = [name for name in RESUME_MUST_MATCH if saved.get(name, defaults[name]) != getattr(cfg, name)]
-        if changed:
-            name = changed[0]
-            raise ValueError(f"--resume: --{name.replace('_', '-')} is {getattr(cfg, name)} but the checkpoint was trained with "
-                             f"{saved.get(name, defaults[name])}; resume with the same value")
-        if checkpoint["step"] >= cfg.max_steps:
-            raise ValueError(f"--max-steps {cfg.max_steps}: the checkpoint is already at step {checkpoint['step']}")
-        saved_windows = checkpoint.get("windows_per_step", saved["batch_size"] * saved["grad_accum"])
-        if saved_windows != windows_per_step(cfg, world):
-            raise ValueError(f"--resume: the checkpoint took {saved_windows} windows per step, this run would take "
-                             f"{windows_per_step(cfg, world)} (--batch-size {cfg.batch_size} x --grad-accum {cfg.grad_accum} "
-                             f"x {world.size} processes); keep the product to resume")
+    checkpoint = ckpt.load_checkpoint(out / "checkpoint.pt", world) if cfg.resume else None
+    if checkpoint is not None:
+        ckpt.check_resumable(checkpoint, cfg, windows_per_step(cfg, world), world.size)
+        model = GPT(GPTConfig(**checkpoint["model_config"]), backend=cfg.backend)
+        base_weights = checkpoint["base_weights"]
     elif cfg.weights is not None:
         # fp32 master weights whatever the file holds: low precision comes from autocast, and AdamW updates stay exact
         model = GPT.from_pretrained(cfg.weights, backend=cfg.backend, dtype=torch.float32)
         world.print(f"fine-tuning {cfg.weights}: {model.num_parameters() / 1e6:.1f}M parameters")
+        base_weights = cfg.weights
     else:
         model = GPT(SCRATCH_MODEL, backend=cfg.backend)
         world.print(f"no --weights given: training a small GPT-2 from scratch ({SCRATCH_MODEL.n_layer} layers, "
-            f"{SCRATCH_MODEL.n_embd} wide, {model.num_parameters() / 1e6:.1f}M parameters)")
+                    f"{SCRATCH_MODEL.n_embd} wide, {model.num_parameters() / 1e6:.1f}M parameters)")
+        base_weights = None
     trains = choose_trainable(model, cfg)
     if checkpoint is not None:
         try:
             model.load_state_dict(checkpoint["model"])
-            checkpoint["optimizer"] = optimizer_state_by_name(model, cfg, checkpoint["optimizer"])
         except Exception as e:
-            raise ValueError(f"{checkpoint_path}: its state does not fit this model ({str(e).splitlines()[0]})") from None
-        world.print(f"resuming from {checkpoint_path} at step {checkpoint['step']}")
+            raise ValueError(f"{out / 'checkpoint.pt'}: its state does not fit this model ({str(e).splitlines()[0]})") from None
+        world.print(f"resuming from {out / 'checkpoint.pt'} at step {checkpoint['step']}")
     seq_len = sequence_length(model, tokenizer, cfg.seq_len)
 
     source = cfg.data or "pydoc_data.topics (Python's documentation)"
@@ -347,59 +221,72 @@ def prepare(cfg: FinetuneConfig, world: World) -> Setup:
         if checkpoint["data_key"] != data_key:
             raise ValueError(f"--resume: the data differs from the checkpoint's ({source})")
         if world.is_main:
-            metrics = [m for m in _read_metrics(out / "metrics.jsonl") if m["step"] <= checkpoint["step"]]
-    base_weights = cfg.weights if checkpoint is None else checkpoint.get("base_weights", saved.get("weights"))
+            metrics = [m for m in read_metrics(out / "metrics.jsonl") if m["step"] <= checkpoint["step"]]
     return Setup(model, trains, tokenizer, splits, source, out, checkpoint, seq_len, metrics, base_weights)
 
 
+# -----------------------------------------------------------------------------
+def validation_loss(parallel: Parallel, world: World, val_x: torch.Tensor, val_y: torch.Tensor, batch_size: int,
+                    autocast) -> float:
+    """Mean validation loss over every rank's share (equal-sized batches, so the mean of batch means)."""
+    parallel.model.eval()
+    device = next(parallel.model.parameters()).device
+    total = torch.zeros((), device=device)
+    with torch.no_grad(), autocast():
+        for x, y in zip(val_x.split(batch_size), val_y.split(batch_size)):
+            total += parallel.forward(x.to(device), y.to(device)).float()
+    parallel.model.train()
+    batches = len(val_x.split(batch_size)) * world.size
+    return (distributed.all_reduce_sum(world, total) / batches).item()
+
+
+def train_step(parallel: Parallel, world: World, x: torch.Tensor, y: torch.Tensor, count: torch.Tensor, autocast) -> torch.Tensor:
+    """Forward and backward of one step's micro-batches x, y (A, B, T) on this rank; returns its share of the
+    step's loss. count: the whole step's target tokens over all ranks, so each micro-batch weighs its share."""
+    step_loss = torch.zeros((), device=x.device)
+    for micro, (xm, ym) in enumerate(zip(x, y)):
+        with parallel.micro_step(last=micro == len(x) - 1):
+            with autocast():
+                loss = parallel.train(xm, ym).float() * ((ym != -100).sum() / count)
+            (loss * world.size).backward()  # DDP and FSDP average over ranks: the sum of the shares is the step's mean
+        step_loss += loss.detach()
+    return step_loss
+
+
 def train(cfg: FinetuneConfig, world: World, device: torch.device, setup: Setup) -> dict:
-    model, splits, out, checkpoint, seq_len = setup.model, setup.splits, setup.out, setup.checkpoint, setup.seq_len
+    model, splits, out, seq_len = setup.model, setup.splits, setup.out, setup.seq_len
     trainable = model.num_parameters(trainable_only=True)
     world.print(f"data: {setup.source}: {len(splits.train):,} training and {len(splits.val):,} validation tokens")
     world.print(f"training {setup.trains}: {trainable:,} of {model.num_parameters():,} parameters"
-        + (f" on {world.size} processes" if world.distributed else ""))
-    autocast_dtype = autocast_dtype_for(cfg.dtype, device)
+                + (f" on {world.size} processes" if world.distributed else ""))
+    dtype = autocast_dtype(cfg.autocast, device)
+    autocast = lambda: torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
     use_compile = device.type == "cuda" if cfg.compile is None else cfg.compile
-
     if cfg.fsdp and not world.distributed:
         world.print("--fsdp: a single process has nothing to shard; training as usual")
     parallel = distributed.parallelize(model, world, device, shard=cfg.fsdp, compile=use_compile)
-    sharded = parallel.sharded
     if world.distributed:
-        world.print("FSDP: weights, gradients and optimizer state sharded" if sharded else "DDP: the model replicated on every process")
+        world.print("FSDP: weights, gradients and optimizer state sharded" if parallel.sharded
+                    else "DDP: the model replicated on every process")
     optimizer = make_optimizer(model, cfg, device)
     data_rng = torch.Generator().manual_seed(cfg.seed)
     step, metrics = 0, setup.metrics
-    if checkpoint is not None:
-        load_optimizer_state(model, optimizer, checkpoint["optimizer"])
-        step = checkpoint["step"]
-        data_rng.set_state(checkpoint["rng"]["data"])
-        torch.set_rng_state(checkpoint["rng"]["torch"])
-        cuda_rng = checkpoint["rng"].get("cuda")
-        if device.type == "cuda" and isinstance(cuda_rng, torch.Tensor):
-            torch.cuda.set_rng_state(cuda_rng, device)
-        setup.checkpoint = checkpoint = None  # the weights and optimizer state are in place: free the host copy
+    if setup.checkpoint is not None:
+        ckpt.load_optimizer_state(model, optimizer, setup.checkpoint["optimizer"])
+        ckpt.restore_rng_states(setup.checkpoint["rng"], data_rng, device)
+        step = setup.checkpoint["step"]
+        setup.checkpoint = None  # the weights and optimizer state are in place: free the host copy
 
-    autocast = lambda: torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
     B, A, W = cfg.batch_size, cfg.grad_accum, world.size
     tokens_per_step = windows_per_step(cfg, world) * seq_len  # the whole job's
     val_x, val_y = eval_windows(splits.val, cfg.eval_batches * B * W, seq_len)
     val_x, val_y = val_x.view(W, -1, seq_len)[world.rank], val_y.view(W, -1, seq_len)[world.rank]  # this rank's share
     plotting = True  # until loss.png cannot be drawn
     progress = Progress(cfg.max_steps) if world.is_main else None
-    pending, last_time, first_step, start_time = [], time.perf_counter(), step, time.perf_counter()
+    pending, first_step = [], step
+    start_time = last_time = time.perf_counter()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-
-    def evaluate() -> float:
-        """Mean validation loss over every rank's share (equal-sized batches, so the mean of batch means)."""
-        model.eval()
-        total = torch.zeros((), device=device)
-        with torch.no_grad(), autocast():
-            for x, y in zip(val_x.split(B), val_y.split(B)):
-                total += parallel.forward(x.to(device), y.to(device)).float()
-        model.train()
-        return (distributed.all_reduce_sum(world, total) / (cfg.eval_batches * W)).item()
 
     model.train()
     while step < cfg.max_steps:
@@ -409,17 +296,10 @@ def train(cfg: FinetuneConfig, world: World, device: torch.device, setup: Setup)
         # Every rank draws the whole step's windows (the same generator everywhere) and keeps its share:
         # micro-batch a of rank r is windows [(a * W + r) * B, (a * W + r + 1) * B).
         x, y = random_windows(splits.train, B * A * W, seq_len, data_rng)
-        count = (y != -100).sum().clamp(min=1)  # the step's target tokens over all ranks: each micro-batch weighs its share
+        count = (y != -100).sum().clamp(min=1)
         x, y = x.view(A, W, B, seq_len)[:, world.rank], y.view(A, W, B, seq_len)[:, world.rank]
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        count = count.to(device, non_blocking=True)
-        step_loss = torch.zeros((), device=device)
-        for micro, (xm, ym) in enumerate(zip(x, y)):
-            with parallel.micro_step(last=micro == A - 1):
-                with autocast():
-                    loss = parallel.train(xm, ym).float() * ((ym != -100).sum() / count)
-                (loss * W).backward()  # DDP and FSDP average over the W ranks: the sum of the shares is the step's mean
-            step_loss += loss.detach()
+        step_loss = train_step(parallel, world, x, y, count.to(device, non_blocking=True), autocast)
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], cfg.grad_clip)
         optimizer.step()
@@ -438,31 +318,21 @@ def train(cfg: FinetuneConfig, world: World, device: torch.device, setup: Setup)
                 metrics.append(dict(step=s, loss=value, lr=step_lr, tokens_per_s=round(tokens_per_s, 1)))
             pending, last_time = [], now
             if evaluating:
-                metrics[-1]["val_loss"] = evaluate()
+                metrics[-1]["val_loss"] = validation_loss(parallel, world, val_x, val_y, B, autocast)
                 last_time = time.perf_counter()  # evaluation time is not training throughput
             if world.is_main:
                 seconds_left = (now - start_time) / (step - first_step) * (cfg.max_steps - step)
                 progress.update(step, metrics[-1]["loss"], lr, tokens_per_s, seconds_left, metrics[-1].get("val_loss"))
-                _write_metrics(out / "metrics.jsonl", metrics)
+                write_metrics(out / "metrics.jsonl", metrics)
                 if evaluating and plotting:
-                    plotting = _plot(metrics, out / "loss.png", progress)
-        if saving and (world.is_main or sharded):
-            rng = {"data": data_rng.get_state(), "torch": torch.get_rng_state(),
-                   "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
-            save_checkpoint(out / "checkpoint.pt", model, optimizer, world, dict(
-                step=step, rng=rng, model_config=dataclasses.asdict(model.config), data_key=splits.key,
-                finetune_config=dataclasses.asdict(cfg), windows_per_step=windows_per_step(cfg, world),
+                    plotting = plot_losses(metrics, out / "loss.png", progress)
+        if saving and (world.is_main or parallel.sharded):
+            ckpt.save_checkpoint(out / "checkpoint.pt", model, optimizer, world, dict(
+                step=step, rng=ckpt.rng_states(data_rng, device), model_config=dataclasses.asdict(model.config),
+                data_key=splits.key, finetune_config=dataclasses.asdict(cfg), windows_per_step=windows_per_step(cfg, world),
                 base_weights=setup.base_weights))
-    if sharded:  # rank 0 goes on with a whole copy: saving, merging adapters and sampling need every weight
-        whole = get_model_state_dict(model, options=WHOLE)  # a collective: every rank gathers
-        if not world.is_main:
-            return {}
-        with torch.device("meta"):
-            model = GPT(model.config, backend=cfg.backend)
-        choose_trainable(model, cfg)
-        model.load_state_dict(whole, assign=True)
-        model.lm_head.weight = model.transformer.wte.weight
-        model.to(device)
+    if parallel.sharded:  # rank 0 goes on with a whole copy: saving, merging adapters and sampling need every weight
+        model = _whole_model_on_main(model, cfg, world, device)
     if not world.is_main:
         return {}
     progress.close()
@@ -471,57 +341,57 @@ def train(cfg: FinetuneConfig, world: World, device: torch.device, setup: Setup)
         lora.save_adapters(model, out / "adapter", base_model_name_or_path=None if base is None else str(base if base.is_dir() else base.parent))
         lora.merge_lora(model)
     model.save_pretrained(out)
-    return _summary(model, metrics, cfg, device, start_time, first_step, tokens_per_step, setup.tokenizer, out, trainable)
-
-
-def _plot(metrics: list[dict], path: Path, progress: Progress) -> bool:
-    """Rewrite loss.png; False (after saying why, once) when it cannot be drawn, so the run goes on without it."""
-    try:
-        if write_loss_plot(metrics, path):
-            return True
-        progress.note(f"no loss.png: {PLOT_HINT}")
-    except Exception as e:  # noqa: BLE001 -- a plot is never worth stopping a training run for
-        progress.note(f"no loss.png: matplotlib failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
-    return False
-
-
-def _read_metrics(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def _write_metrics(path: Path, metrics: list[dict]) -> None:
-    _atomic_write(path, lambda tmp: Path(tmp).write_text("".join(json.dumps(m) + "\n" for m in metrics)))
-
-
-def _summary(model, metrics, cfg, device, start_time, first_step, tokens_per_step, tokenizer, out, trainable) -> dict:
     elapsed = time.perf_counter() - start_time
+    summary = _summary(metrics, device, tokens_per_step * (metrics[-1]["step"] - first_step) / elapsed, trainable)
+    _print_summary(summary, cfg, out)
+    if cfg.sample_tokens > 0:
+        _print_sample(model, setup.tokenizer, cfg, device)
+    return summary
+
+
+def _whole_model_on_main(model: GPT, cfg: FinetuneConfig, world: World, device: torch.device) -> GPT | None:
+    """A sharded model gathered into a plain one on rank 0 (None on the others); every rank must call this."""
+    whole = get_model_state_dict(model, options=ckpt.WHOLE)  # a collective: every rank gathers
+    if not world.is_main:
+        return None
+    with torch.device("meta"):
+        plain = GPT(model.config, backend=cfg.backend)
+    choose_trainable(plain, cfg)
+    plain.load_state_dict(whole, assign=True)
+    plain.lm_head.weight = plain.transformer.wte.weight
+    return plain.to(device)
+
+
+# -----------------------------------------------------------------------------
+def _summary(metrics: list[dict], device: torch.device, tokens_per_s: float, trainable: int) -> dict:
     val_losses = [m["val_loss"] for m in metrics if "val_loss" in m]
     recent = [m["loss"] for m in metrics[-10:]]
     train_loss = sum(recent) / len(recent)
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device) / 2**30
-        memory = f"{peak:.2f} GiB peak GPU memory"
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-        memory = f"{peak:.2f} GiB peak process memory"
-    summary = dict(steps=metrics[-1]["step"], train_loss=train_loss, train_ppl=math.exp(train_loss),
-                   val_loss=val_losses[-1], val_ppl=math.exp(val_losses[-1]),
-                   tokens_per_s=tokens_per_step * (metrics[-1]["step"] - first_step) / elapsed, peak_memory_gib=peak,
-                   trainable_parameters=trainable)
-    print(f"done: {summary['steps']} steps; train loss {train_loss:.4f} (ppl {summary['train_ppl']:.1f}), "
+    return dict(steps=metrics[-1]["step"], train_loss=train_loss, train_ppl=math.exp(train_loss),
+                val_loss=val_losses[-1], val_ppl=math.exp(val_losses[-1]), tokens_per_s=tokens_per_s,
+                peak_memory_gib=peak, peak_memory_kind="GPU" if device.type == "cuda" else "process",
+                trainable_parameters=trainable)
+
+
+def _print_summary(summary: dict, cfg: FinetuneConfig, out: Path) -> None:
+    print(f"done: {summary['steps']} steps; train loss {summary['train_loss']:.4f} (ppl {summary['train_ppl']:.1f}), "
           f"val loss {summary['val_loss']:.4f} (ppl {summary['val_ppl']:.1f}); {summary['tokens_per_s']:,.0f} tokens/s "
-          f"overall; {memory}; {trainable:,} parameters trained; saved to {out}/model.safetensors"
+          f"overall; {summary['peak_memory_gib']:.2f} GiB peak {summary['peak_memory_kind']} memory; "
+          f"{summary['trainable_parameters']:,} parameters trained; saved to {out}/model.safetensors"
           + (f" and the LoRA adapters in {out}/adapter (PEFT's layout)" if cfg.lora_rank else ""))
-    if cfg.sample_tokens > 0:
-        torch.manual_seed(cfg.seed)
-        n = min(cfg.sample_tokens, model.config.block_size - 1)
-        start = torch.tensor([[tokenizer.eot_token % model.config.vocab_size]], device=device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            sample = model.generate(start, n, temperature=0.8, top_k=200)
-        print("sample:", tokenizer.decode(sample[0, 1:].tolist()).strip()[:1000])
-    return summary
+
+
+def _print_sample(model: GPT, tokenizer: Tokenizer, cfg: FinetuneConfig, device: torch.device) -> None:
+    torch.manual_seed(cfg.seed)
+    n = min(cfg.sample_tokens, model.config.block_size - 1)
+    start = torch.tensor([[tokenizer.eot_token % model.config.vocab_size]], device=device)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        sample = model.generate(start, n, temperature=0.8, top_k=200)
+    print("sample:", tokenizer.decode(sample[0, 1:].tolist()).strip()[:1000])
 
 
 def main(argv=None) -> None:

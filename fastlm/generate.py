@@ -6,8 +6,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fastlm.cli import fail, parse_args, resolve_device
+from fastlm.cli import fail, parse_args
 from fastlm.model import BACKENDS, GPT
+from fastlm.runtime import resolve_device
 from fastlm.tokenizer import get_tokenizer
 from fastlm.weights import WeightsError
 
@@ -27,7 +28,7 @@ class GenerateConfig:
     num_samples: int = field(default=1, metadata={"help": "independent continuations of the prompt"})
     seed: int = field(default=1337, metadata={"help": "random seed"})
     device: str = field(default="auto", metadata={"help": "cuda, cpu, ... (auto: cuda when available)"})
-    dtype: str = field(default="auto", metadata={"help": "float32, bfloat16, float16 (auto: bfloat16 on CUDA, float32 elsewhere)"})
+    dtype: str = field(default="auto", metadata={"help": "the dtype the weights are loaded in, and the model computes in: float32, bfloat16, float16 (auto: bfloat16 on CUDA, float32 elsewhere)"})
     backend: str = field(default="auto", metadata={"help": "kernels: triton, torch, or auto", "choices": BACKENDS})
     tokenizer: str | None = field(default=None, metadata={"help": "tokenizer.json or a directory (default: the bundled GPT-2 BPE)"})
 

@@ -36,7 +36,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from fastlm.model import GPT
-from fastlm.weights import _atomic_write
+from fastlm.files import atomic_write
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -206,8 +206,8 @@ def save_adapters(model: GPT, directory: str | os.PathLike, base_model_name_or_p
         "bias": "none", "inference_mode": True,
     }
     tensors = {k: v.to("cpu").contiguous() for k, v in lora_state_dict(model).items()}
-    _atomic_write(directory / ADAPTER_WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    _atomic_write(directory / ADAPTER_CONFIG, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
+    atomic_write(directory / ADAPTER_WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    atomic_write(directory / ADAPTER_CONFIG, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
     return directory
 
 

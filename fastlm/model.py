@@ -3,75 +3,133 @@
 Parameter names follow Hugging Face's GPT-2 (`transformer.h.0.attn.c_attn.weight`, ...), with nn.Linear
 weights stored (out, in): weights.py transposes GPT-2's Conv1D (in, out) tensors on the way in and out.
 
-backend="triton": kernels.layer_norm, kernels.attention and, for the loss, kernels.linear_cross_entropy (the
-(B*T, vocab) logits are never built). backend="torch": F.layer_norm, F.scaled_dot_product_attention and
-F.cross_entropy. backend="auto": triton for CUDA inputs, torch elsewhere (also under the interpreter). backend="triton" on
-the CPU needs the interpreter (TRITON_INTERPRET=1).
+The backend picks one table of ops (`Ops`) that every block calls, resolved once for the device the model sits
+on (again whenever it moves): "triton" runs kernels.layer_norm, kernels.attention and, for the loss,
+kernels.linear_cross_entropy (the (B*T, vocab) logits are never built); "torch" runs F.layer_norm, SDPA and
+F.cross_entropy; "auto" is triton on CUDA and torch elsewhere (also under the interpreter). "triton" on a
+device that cannot run Triton is an error at the first forward.
+
+The residual stream: a block hands its MLP output to the next block's first norm, which adds it to the
+stream and normalises the sum in one step (`Ops.layer_norm(x, norm, residual)`), as flash-attention's
+prenorm blocks do; the final norm adds the last block's output.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 import kernels
+from fastlm import weights
 from fastlm.config import GPTConfig
-from kernels._utils import use_triton
+from kernels._utils import device_runs_triton
 
 BACKENDS = ("auto", "triton", "torch")
 
 
-class LayerNorm(nn.LayerNorm):
-    """nn.LayerNorm (same state_dict) that runs kernels.layer_norm when the model's backend is triton."""
+# -----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Ops:
+    """What the blocks and the loss call: one table per backend, chosen by `ops_for`."""
 
-    def forward(self, x: Tensor, triton: bool = False) -> Tensor:
-        if triton:
-            return kernels.layer_norm(x, self.weight, self.bias, self.eps)
-        return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+    name: str
+    layer_norm: Callable  # (x, norm: nn.LayerNorm, residual=None) -> y, or with residual (y, x + residual)
+    attention: Callable   # (q, k, v) (B, nh, T, hs), (B, nh, S, hs) -> causal, bottom-right aligned when T < S
+    head_loss: Callable   # (h (N, C), weight (V, C), targets (N,), reduction) -> cross-entropy of h @ weight.T
 
 
+def _torch_layer_norm(x: Tensor, norm: nn.LayerNorm, residual: Tensor | None = None):
+    if residual is None:
+        return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+    h = residual + x
+    return F.layer_norm(h, norm.normalized_shape, norm.weight, norm.bias, norm.eps), h
+
+
+def _triton_layer_norm(x: Tensor, norm: nn.LayerNorm, residual: Tensor | None = None):
+    if residual is None:
+        return kernels.layer_norm(x, norm.weight, norm.bias, norm.eps)
+    h = residual + x
+    return kernels.layer_norm(h, norm.weight, norm.bias, norm.eps), h
+
+
+def _torch_head_loss(h: Tensor, weight: Tensor, targets: Tensor, reduction: str) -> Tensor:
+    return F.cross_entropy(F.linear(h, weight).float(), targets, ignore_index=-100, reduction=reduction)
+
+
+def _triton_head_loss(h: Tensor, weight: Tensor, targets: Tensor, reduction: str) -> Tensor:
+    return kernels.linear_cross_entropy(h, weight, targets, reduction=reduction)
+
+
+TORCH_OPS = Ops("torch", _torch_layer_norm, lambda q, k, v: kernels.attention_ref(q, k, v, causal=True), _torch_head_loss)
+TRITON_OPS = Ops("triton", _triton_layer_norm, lambda q, k, v: kernels.attention(q, k, v, causal=True), _triton_head_loss)
+
+
+def ops_for(backend: str, device: torch.device) -> Ops:
+    """auto: the kernels on CUDA, plain PyTorch elsewhere; triton: the kernels (the forward checks the device)."""
+    if backend == "torch" or (backend == "auto" and not (device.type == "cuda" and device_runs_triton(device))):
+        return TORCH_OPS
+    return TRITON_OPS
+
+
+# -----------------------------------------------------------------------------
 class KVCache(nn.Module):
-    """Preallocated keys and values (B, nh, max_len, hs) so a decode step has static shapes."""
+    """Keys and values of every layer, each (B, nh, max_len, hs), and how many positions hold them (`length`,
+    a 0-dim device tensor, so a compiled decode step reads it without a host sync or a recompile). Each layer has
+    buffers of its own: autograd may keep one layer's cache for backward while the next layer writes to its own."""
 
-    def __init__(self, batch_size: int, n_head: int, max_len: int, head_dim: int, dtype, device):
+    def __init__(self, n_layer: int, batch_size: int, n_head: int, max_len: int, head_dim: int, dtype, device):
         super().__init__()
         shape = (batch_size, n_head, max_len, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.dtype = dtype
+        for layer in range(n_layer):
+            self.register_buffer(f"k_{layer}", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+            self.register_buffer(f"v_{layer}", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("length", torch.zeros((), dtype=torch.long, device=device), persistent=False)
+        self.max_len = max_len
 
-    def update(self, positions: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Write k, v (B, nh, T, hs) at `positions` (T,); return the whole cache."""
-        self.k.index_copy_(2, positions, k.to(self.dtype))
-        self.v.index_copy_(2, positions, v.to(self.dtype))
-        return self.k, self.v
+    def update(self, layer: int, positions: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write k, v (B, nh, T, hs) of one layer at `positions` (T,); return that layer's whole cache."""
+        cache_k, cache_v = getattr(self, f"k_{layer}"), getattr(self, f"v_{layer}")
+        cache_k.index_copy_(2, positions, k.to(cache_k.dtype))
+        cache_v.index_copy_(2, positions, v.to(cache_v.dtype))
+        return cache_k, cache_v
 
 
+@dataclass
+class CacheStep:
+    """One forward through the KV cache: where the new tokens go and what they see."""
+
+    cache: KVCache
+    positions: Tensor          # (T,) absolute positions of the new tokens
+    decode_mask: Tensor | None  # (T, max_len) for one new token: the whole cache, masked (static shapes)
+    end: int | None             # for several new tokens: the filled length afterwards (causal over cache[:end])
+
+
+# -----------------------------------------------------------------------------
 class CausalSelfAttention(nn.Module):
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, layer: int, ops: Ops):
         super().__init__()
+        self.layer, self.ops = layer, ops
         self.n_head, self.head_dim = config.n_head, config.head_dim
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
         self.resid_dropout = nn.Dropout(config.dropout)
-        self.kv_cache: KVCache | None = None
 
-    def forward(self, x: Tensor, triton: bool, positions: Tensor | None = None, prefill: bool = False) -> Tensor:
+    def forward(self, x: Tensor, step: CacheStep | None = None) -> Tensor:
         B, T, C = x.shape
         qkv = self.c_attn(x).view(B, T, 3, self.n_head, self.head_dim)
-        q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))  # (B, nh, T, hs) strided views, no copies
-        if self.kv_cache is not None and positions is not None:
-            cache_k, cache_v = self.kv_cache.update(positions, k, v)
-        if self.kv_cache is None or positions is None or prefill:
-            # Training, or a prompt filling an empty cache: causal attention over these T tokens.
-            y = kernels.attention(q, k, v, causal=True) if triton else F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # (B, nh, T, hs) strided views, no copies
+        if step is None:
+            y = self.ops.attention(q, k, v)
         else:
-            # Decoding: the query at absolute position p sees cached keys 0..p. Masking the whole cache keeps the
-            # shapes static, so one compiled decode step serves every position.
-            mask = torch.arange(cache_k.shape[2], device=x.device)[None, :] <= positions[:, None]
-            y = F.scaled_dot_product_attention(q, cache_k, cache_v, attn_mask=mask)
+            k, v = step.cache.update(self.layer, step.positions, k, v)
+            if step.decode_mask is not None:
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=step.decode_mask)
+            else:  # several new tokens: causal over what the cache holds, aligned to its end
+                y = self.ops.attention(q, k[:, :, :step.end], v[:, :, :step.end])
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -88,16 +146,23 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, layer: int, ops: Ops):
         super().__init__()
-        self.ln_1 = LayerNorm(config.n_embd, eps=config.layer_norm_eps)
-        self.attn = CausalSelfAttention(config)
-        self.ln_2 = LayerNorm(config.n_embd, eps=config.layer_norm_eps)
+        self.ops = ops
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps)
+        self.attn = CausalSelfAttention(config, layer, ops)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x: Tensor, triton: bool, positions: Tensor | None = None, prefill: bool = False) -> Tensor:
-        x = x + self.attn(self.ln_1(x, triton), triton, positions, prefill)
-        return x + self.mlp(self.ln_2(x, triton))
+    def forward(self, x: Tensor, pending: Tensor | None, step: CacheStep | None = None) -> tuple[Tensor, Tensor]:
+        """x: the residual stream (B, T, C); pending: the previous block's MLP output, not yet added to it (None
+        in the first block). Returns the stream and this block's MLP output, for the next norm to add."""
+        if pending is None:
+            h = self.ops.layer_norm(x, self.ln_1)
+        else:
+            h, x = self.ops.layer_norm(pending, self.ln_1, x)
+        h, x = self.ops.layer_norm(self.attn(h, step), self.ln_2, x)
+        return x, self.mlp(h)
 
 
 class GPT(nn.Module):
@@ -108,19 +173,22 @@ class GPT(nn.Module):
         if backend not in BACKENDS:
             raise ValueError(f"GPT: backend must be one of {BACKENDS}, got {backend!r}")
         self.config, self.backend = config, backend
+        self.ops = TORCH_OPS  # set for the parameters' device below
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
             wpe=nn.Embedding(config.block_size, config.n_embd),
             drop=nn.Dropout(config.dropout),
-            h=nn.ModuleList(Block(config) for _ in range(config.n_layer)),
-            ln_f=LayerNorm(config.n_embd, eps=config.layer_norm_eps),
+            h=nn.ModuleList(Block(config, i, self.ops) for i in range(config.n_layer)),
+            ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied, as in GPT-2
+        self.kv_cache: KVCache | None = None
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2's scaled init of the residual projections
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        self.resolve_ops()
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -129,84 +197,118 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
+    # ---- the backend's ops, resolved for where the parameters are ------------------------------------------
+    def resolve_ops(self) -> Ops:
+        """Choose the ops table for the backend and the parameters' device, and hand it to every block."""
+        self.ops = ops_for(self.backend, self.lm_head.weight.device)
+        for module in self.modules():
+            if isinstance(module, (Block, CausalSelfAttention)):
+                module.ops = self.ops
+        return self.ops
+
+    def _apply(self, fn, recurse=True):
+        module = super()._apply(fn, recurse)
+        self.resolve_ops()  # .to(), .cuda(), .half(): the device may have changed
+        return module
+
+    def _check_device(self, idx: Tensor) -> None:
+        if self.backend == "triton" and not device_runs_triton(idx.device):
+            raise RuntimeError(f"GPT(backend='triton') needs a CUDA device or TRITON_INTERPRET=1 on the CPU; "
+                               f"the input is on {idx.device}: use backend='auto' or 'torch'")
+
+    # ---- weights -----------------------------------------------------------------------------------------
+    @classmethod
+    def state_shapes(cls, config: GPTConfig) -> dict[str, torch.Size]:
+        """The state_dict names and shapes of a GPT with this config (the tied lm_head.weight left out)."""
+        with torch.device("meta"):
+            return {k: v.shape for k, v in cls(config, backend="torch").state_dict().items() if k != "lm_head.weight"}
+
     @classmethod
     def from_pretrained(cls, path, backend: str = "auto", device=None, dtype: torch.dtype | None = None) -> "GPT":
         """Load GPT-2 safetensors (a file, or a directory with model.safetensors / a sharded index and perhaps
         config.json) in either Hugging Face layout. Errors name the file and the key (fastlm.weights.WeightsError)."""
-        from fastlm import weights
-
-        config, state = weights.load_state(path)
+        config, state = weights.load_state(path, cls.state_shapes)
         with torch.device("meta"):
             model = cls(config, backend)
         weights.load_into(model, state, device=device, dtype=dtype)
+        model.resolve_ops()
         return model
 
     def save_pretrained(self, directory) -> None:
         """Write model.safetensors + config.json that transformers' GPT2LMHeadModel.from_pretrained loads."""
-        from fastlm import weights
-
         weights.save(self, directory)
 
     def num_parameters(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
 
-    def _uses_triton(self, idx: Tensor) -> bool:
-        """auto: the kernels on CUDA, plain PyTorch elsewhere; triton: the kernels or a clear error."""
-        if self.backend == "torch":
-            return False
-        if self.backend == "auto":
-            return idx.device.type == "cuda" and use_triton(idx)
-        if not use_triton(idx):
-            raise RuntimeError(f"GPT(backend='triton') needs a CUDA device or TRITON_INTERPRET=1 on the CPU; "
-                               f"the input is on {idx.device}: use backend='auto' or 'torch'")
-        return True
-
-    def hidden_states(self, idx: Tensor, positions: Tensor | None = None, prefill: bool = False) -> tuple[Tensor, bool]:
-        """Final-norm hidden states (B, T, C) and whether the Triton kernels ran.
-
-        positions (T,): absolute positions of idx's tokens when a KV cache is set up (see forward_cached).
-        """
+    # ---- forward and loss --------------------------------------------------------------------------------
+    def hidden_states(self, idx: Tensor, step: CacheStep | None = None) -> Tensor:
+        """Final-norm hidden states (B, T, C) of token ids idx (B, T); with `step`, through the KV cache."""
         B, T = idx.shape
-        if positions is None and T > self.config.block_size:
+        if step is None and T > self.config.block_size:
             raise ValueError(f"GPT: sequence length {T} is longer than the context of {self.config.block_size} tokens")
-        triton = self._uses_triton(idx)
-        pos = torch.arange(T, device=idx.device) if positions is None else positions
+        self._check_device(idx)
+        pos = torch.arange(T, device=idx.device) if step is None else step.positions
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        pending = None
         for block in self.transformer.h:
-            x = block(x, triton, positions, prefill)
-        return self.transformer.ln_f(x, triton), triton
+            x, pending = block(x, pending, step)
+        h, _ = self.ops.layer_norm(pending, self.transformer.ln_f, x)
+        return h
+
+    def loss(self, h: Tensor, targets: Tensor, reduction: str = "mean", fp32_head: bool = False) -> Tensor:
+        """Cross-entropy of the LM head on hidden states h (B, T, C) against targets (B, T); -100 is ignored.
+
+        reduction: "mean" (over the counted targets), "sum" or "none". fp32_head: the head's matmul and the loss
+        in fp32 whatever the autocast (evaluation sums thousands of losses; a 16-bit head would round them).
+        """
+        h, targets, weight = h.flatten(0, 1), targets.flatten(), self.lm_head.weight
+        if fp32_head:
+            with torch.autocast(h.device.type, enabled=False):
+                return self.ops.head_loss(h.float(), weight.float(), targets, reduction)
+        return self.ops.head_loss(h, weight, targets, reduction)
 
     def forward(self, idx: Tensor, targets: Tensor | None = None) -> Tensor:
         """idx (B, T) token ids. Returns logits (B, T, vocab), or with targets (B, T) the mean loss."""
-        x, triton = self.hidden_states(idx)
-        if targets is None:
-            return self.lm_head(x)
-        if triton:
-            return kernels.linear_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets.flatten())
-        return F.cross_entropy(self.lm_head(x).flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+        h = self.hidden_states(idx)
+        return self.lm_head(h) if targets is None else self.loss(h, targets)
 
     # ---- generation -------------------------------------------------------------------------------------
     def setup_kv_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None) -> None:
-        """Allocate every layer's KV cache for `batch_size` sequences of up to `max_len` tokens."""
+        """Allocate an empty KV cache for `batch_size` sequences of up to `max_len` tokens."""
         if max_len > self.config.block_size:
             raise ValueError(f"GPT: {max_len} tokens exceed the context of {self.config.block_size}")
         weight = self.lm_head.weight
-        for block in self.transformer.h:
-            block.attn.kv_cache = KVCache(batch_size, self.config.n_head, max_len, self.config.head_dim,
-                                          dtype or weight.dtype, weight.device)
+        c = self.config
+        self.kv_cache = KVCache(c.n_layer, batch_size, c.n_head, max_len, c.head_dim, dtype or weight.dtype, weight.device)
 
     def clear_kv_cache(self) -> None:
-        for block in self.transformer.h:
-            block.attn.kv_cache = None
+        self.kv_cache = None
 
-    def forward_cached(self, idx: Tensor, positions: Tensor, prefill: bool = False) -> Tensor:
-        """Logits (B, T, vocab) of tokens at absolute `positions` (T,), reading and filling the KV cache.
+    def forward_cached(self, idx: Tensor, last_only: bool = False) -> Tensor:
+        """Logits (B, T, vocab) of idx (B, T), the T tokens that follow what the KV cache holds; they join it.
 
-        prefill=True: idx is a prompt starting at position 0 of an empty cache; its attention runs as one causal
-        pass over the prompt (the fused kernel on triton) while the cache is filled.
+        One new token (decoding) attends over the whole cache with a position mask built once per step, so the
+        shapes never change and one compiled step serves every position. Several (a prompt) attend causally over
+        the filled part of the cache, the fused kernel on triton; that reads the filled length on the host once.
+        last_only: the logits of the last position only, (B, 1, vocab).
         """
-        x, _ = self.hidden_states(idx, positions, prefill)
-        return self.lm_head(x)
+        cache = self.kv_cache
+        if cache is None:
+            raise RuntimeError("forward_cached: no KV cache; call setup_kv_cache(batch_size, max_len) first")
+        T = idx.shape[1]
+        positions = cache.length + torch.arange(T, device=idx.device)
+        if T == 1:
+            mask = torch.arange(cache.max_len, device=idx.device)[None, :] <= positions[:, None]
+            step = CacheStep(cache, positions, decode_mask=mask, end=None)
+        else:
+            end = int(cache.length) + T
+            if end > cache.max_len:
+                raise ValueError(f"forward_cached: {T} tokens after {end - T} would overflow the cache of {cache.max_len}")
+            step = CacheStep(cache, positions, decode_mask=None, end=end)
+        h = self.hidden_states(idx, step)
+        cache.length.add_(T)  # in place: `+=` on a module attribute is a setattr that torch.compile mistraces
+        return self.lm_head(h[:, -1:] if last_only else h)
 
     @torch.no_grad()
     def generate(self, idx: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
@@ -238,10 +340,8 @@ class GPT(nn.Module):
         self.eval()
         self.setup_kv_cache(B, T + max_new_tokens)
         try:
-            x, _ = self.hidden_states(idx, torch.arange(T, device=idx.device), prefill=True)
-            logits = self.lm_head(x[:, -1:])  # only the last position's logits are needed
+            logits = self.forward_cached(idx, last_only=True)  # only the last position's logits are needed
             finished = torch.zeros(B, dtype=torch.bool, device=idx.device)
-            position = torch.tensor([T], device=idx.device)  # stays on the device: no host copy per step
             for step in range(max_new_tokens):
                 token = sample(logits[:, -1], temperature, top_k, top_p)
                 if eos_token_id is not None:
@@ -250,8 +350,7 @@ class GPT(nn.Module):
                 yield token
                 if step + 1 == max_new_tokens or (eos_token_id is not None and bool(finished.all())):
                     break
-                logits = self.forward_cached(token, position)
-                position += 1
+                logits = self.forward_cached(token)
         finally:
             self.clear_kv_cache()
             self.train(was_training)

@@ -18,7 +18,7 @@ import math
 import os
 from pathlib import Path
 
-from fastlm.weights import _atomic_write
+from fastlm.files import atomic_write
 
 PLOT_HINT = "the loss plot needs matplotlib: pip install 'fastlm[plot]'"
 
@@ -81,5 +81,5 @@ def write_loss_plot(metrics: list[dict], path: str | os.PathLike, title: str = "
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
     ax.legend()
-    _atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png"))
+    atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png"))
     return True

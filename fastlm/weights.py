@@ -16,14 +16,15 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from fastlm.config import GPTConfig
+from fastlm.files import atomic_write, atomic_write_text
 
 CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 _MASK_BUFFER = re.compile(r"^h\.\d+\.attn\.(bias|masked_bias)$")  # not h.N.attn.c_attn.bias
@@ -91,8 +92,10 @@ def _infer_config(tensors: dict[str, torch.Tensor], source: Path) -> GPTConfig:
                      n_head=n_embd // GPT2_HEAD_DIM, n_embd=n_embd)
 
 
-def load_state(path: str | os.PathLike) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
-    """Read a GPT-2 checkpoint: its config and a state dict in this model's layout (transformer.* names, Linear weights)."""
+def load_state(path: str | os.PathLike, expected_shapes: Callable[[GPTConfig], dict[str, torch.Size]]
+               ) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
+    """Read a GPT-2 checkpoint: its config and a state dict in this model's layout (transformer.* names, Linear
+    weights), checked against expected_shapes(config) (the model's state_dict names and shapes, lm_head aside)."""
     files, config_file = _resolve(path)
     raw = _read(files)
     label = files[0] if len(files) == 1 else Path(path)
@@ -118,10 +121,7 @@ def load_state(path: str | os.PathLike) -> tuple[GPTConfig, dict[str, torch.Tens
     else:
         config = _infer_config(tensors, label)
 
-    from fastlm.model import GPT  # a meta-device model gives the expected names and shapes
-
-    with torch.device("meta"):
-        expected = {k: v.shape for k, v in GPT(config).state_dict().items() if k != "lm_head.weight"}
+    expected = expected_shapes(config)
     state = {}
     for name, tensor in tensors.items():
         key = f"transformer.{name}"
@@ -149,23 +149,6 @@ def load_into(model, state: dict[str, torch.Tensor], device=None, dtype=None) ->
     model.lm_head.weight = model.transformer.wte.weight
 
 
-def _atomic_write(target: Path, write) -> None:
-    """write(tmp_path) into a temporary file beside target, then rename it over target."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a saved model gets the usual permissions
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save(model, directory: str | os.PathLike) -> Path:
     """Write model.safetensors + config.json in Hugging Face's GPT-2 layout into directory."""
     directory = Path(directory)
@@ -182,6 +165,6 @@ def save(model, directory: str | os.PathLike) -> Path:
         tensors[key] = tensor.to("cpu").contiguous()
     config = model.config.to_hf()
     config["dtype"] = str(model.lm_head.weight.dtype).removeprefix("torch.")
-    _atomic_write(directory / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    _atomic_write(directory / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
+    atomic_write(directory / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    atomic_write_text(directory / "config.json", json.dumps(config, indent=2) + "\n")
     return directory

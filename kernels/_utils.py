@@ -39,7 +39,7 @@ except ImportError:  # macOS, Windows, or a minimal install: only the PyTorch pa
 
     triton = tl = _TritonStub()
 
-__all__ = ["HAS_TRITON", "triton", "tl", "interpreting", "use_triton", "check_triton_device", "num_programs"]
+__all__ = ["HAS_TRITON", "triton", "tl", "interpreting", "device_runs_triton", "use_triton", "check_triton_device", "num_programs"]
 
 
 def interpreting() -> bool:
@@ -47,13 +47,18 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def use_triton(x: torch.Tensor) -> bool:
-    """Whether the Triton kernels can run on `x`'s device; otherwise callers take the PyTorch path."""
+def device_runs_triton(device: torch.device) -> bool:
+    """Whether the Triton kernels run on `device`: CUDA, or the CPU under the interpreter."""
     if not HAS_TRITON:
         return False
-    if x.device.type == "cuda":
+    if device.type == "cuda":
         return True
-    return x.device.type == "cpu" and interpreting()
+    return device.type == "cpu" and interpreting()
+
+
+def use_triton(x: torch.Tensor) -> bool:
+    """Whether the Triton kernels can run on `x`'s device; otherwise callers take the PyTorch path."""
+    return device_runs_triton(x.device)
 
 
 def check_triton_device(op: str, *tensors: torch.Tensor) -> None:

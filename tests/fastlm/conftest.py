@@ -1,21 +1,10 @@
-"""Small random GPT-2s built with Hugging Face transformers, the reference these tests compare against."""
+"""Fixtures of the fastlm tests: a small random GPT-2 from transformers (the reference) saved in its layouts, and
+a tiny GPT-2-vocabulary checkpoint with a corpus for fine-tuning runs."""
 import pytest
-import torch
 
 transformers = pytest.importorskip("transformers", reason="transformers is the GPT-2 reference (pip install -e '.[test]')")
-transformers.logging.set_verbosity_error()
 
-
-def make_hf_model(n_layer=2, n_head=2, n_embd=64, vocab_size=101, n_positions=64, seed=0):
-    torch.manual_seed(seed)
-    config = transformers.GPT2Config(n_layer=n_layer, n_head=n_head, n_embd=n_embd, vocab_size=vocab_size,
-                                     n_positions=n_positions, bos_token_id=vocab_size - 1, eos_token_id=vocab_size - 1)
-    model = transformers.GPT2LMHeadModel(config).eval()
-    with torch.no_grad():  # random biases and norm parameters too, so a transposed or dropped tensor shows
-        for name, p in model.named_parameters():
-            if name.endswith("bias") or ".ln_" in name:
-                p.normal_(0.0 if name.endswith("bias") else 1.0, 0.1)
-    return model
+from tests.fastlm.helpers import TEXT, make_hf_model  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -28,4 +17,19 @@ def hf_dir(hf_model, tmp_path_factory):
     """A directory written by transformers' save_pretrained: transformer.* keys, config.json."""
     path = tmp_path_factory.mktemp("hf_gpt2")
     hf_model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory):
+    """A tiny GPT-2 with the real 50257-token vocabulary, as transformers saves it."""
+    path = tmp_path_factory.mktemp("tiny_gpt2")
+    make_hf_model(n_layer=2, n_head=2, n_embd=32, vocab_size=50257, n_positions=64).save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text(TEXT)
     return path

@@ -18,7 +18,7 @@ import fastlm.distributed
 import fastlm.finetune as finetune
 from fastlm import GPT
 from fastlm.distributed import World, world_from_env
-from tests.fastlm.test_finetune import TEXT, checkpoint, config, interrupted_after, read_metrics  # noqa: F401 (fixture)
+from tests.fastlm.helpers import TEXT, config, interrupted_after, read_metrics
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
@@ -59,14 +59,9 @@ def assert_same_run(a: Path, b: Path) -> None:
         torch.testing.assert_close(wa[key], wb[key], atol=1e-5, rtol=1e-4, msg=key)
 
 
-@pytest.fixture
-def corpus(tmp_path):
-    path = tmp_path / "corpus.txt"
-    path.write_text(TEXT)
-    return path
 
 
-def test_two_ranks_equal_one_process_and_resume_on_another_layout(checkpoint, corpus, tmp_path, monkeypatch):  # noqa: F811
+def test_two_ranks_equal_one_process_and_resume_on_another_layout(checkpoint, corpus, tmp_path, monkeypatch):
     one = config(checkpoint, corpus, tmp_path / "one", batch_size=4, **STEPS)
     finetune.run(one)
 
@@ -99,7 +94,7 @@ def test_two_ranks_equal_one_process_and_resume_on_another_layout(checkpoint, co
     assert "error: --resume: the checkpoint took 8 windows per step, this run would take 16" in done.stderr
 
 
-def test_a_rank_that_fails_stops_every_rank_with_one_line(checkpoint, tmp_path):  # noqa: F811
+def test_a_rank_that_fails_stops_every_rank_with_one_line(checkpoint, tmp_path):
     """Each rank runs in its own directory (as on separate machines); rank 1's has no corpus.txt."""
     for rank in (0, 1):
         (tmp_path / f"rank{rank}").mkdir()
@@ -184,7 +179,7 @@ def _measure_shards(rank: int, cfg, out: Path) -> None:
     (out / f"rank{rank}.json").write_text(json.dumps(seen))
 
 
-def test_lora_under_ddp_reduces_once_per_step(checkpoint, corpus, tmp_path):  # noqa: F811
+def test_lora_under_ddp_reduces_once_per_step(checkpoint, corpus, tmp_path):
     """LoRA (a frozen base: DDP syncs only the adapters) on 2 ranks x batch 2 is 1 process x batch 4, and with
     --grad-accum 2 the gradients are all-reduced once per step (no_sync on the first micro-batch), not twice."""
     lora = dict(lora_rank=2, lora_targets="c_attn", lr=1e-2, **STEPS)
@@ -195,7 +190,7 @@ def test_lora_under_ddp_reduces_once_per_step(checkpoint, corpus, tmp_path):  # 
     assert_same_run(tmp_path / "one" / "out", tmp_path / "two" / "out")
 
 
-def test_fsdp_shards_weights_and_optimizer_state_with_frozen_blocks(checkpoint, corpus, tmp_path):  # noqa: F811
+def test_fsdp_shards_weights_and_optimizer_state_with_frozen_blocks(checkpoint, corpus, tmp_path):
     """--fsdp really shards (each rank holds half of every parameter and of AdamW's moments), with frozen blocks
     mixed in, and trains exactly as one process does."""
     frozen = dict(train_layers=1, **STEPS)

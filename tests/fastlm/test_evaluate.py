@@ -13,7 +13,7 @@ from fastlm.evaluate import evaluate, gpt2_token_bytes, main, text_ids, windows
 from fastlm.tokenizer import ASSETS
 from kernels._utils import use_triton
 from tests.conftest import DEVICE
-from tests.fastlm.conftest import make_hf_model
+from tests.fastlm.helpers import make_hf_model
 
 transformers = pytest.importorskip("transformers", reason="transformers' GPT-2 is the reference (pip install -e '.[test]')")
 from transformers.convert_slow_tokenizer import bytes_to_unicode  # noqa: E402
@@ -216,3 +216,11 @@ def test_python_api_checks_its_arguments(checkpoint, ids):
         evaluate(model, ids, 8, 9)
     with pytest.raises(ValueError, match="longer than the model's context of 64"):
         evaluate(model, ids, 65, 8)
+
+
+def test_old_dtype_flag_names_its_new_spelling(checkpoint, tmp_path, capsys):
+    """--dtype meant the autocast dtype here and the weights' dtype in generate: it is --autocast now."""
+    with pytest.raises(SystemExit) as info:
+        main(["--weights", str(checkpoint), "--data", str(tmp_path / "text.txt"), "--dtype", "bfloat16"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.count("\n") == 1 and "--dtype is now --autocast" in err, err

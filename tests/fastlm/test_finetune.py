@@ -1,8 +1,5 @@
 """python -m fastlm.finetune on CPU with a tiny transformers-format GPT-2: learning, outputs, resume, accumulation,
 data formats, and every kind of bad input."""
-import contextlib
-import json
-
 import pytest
 import torch
 
@@ -10,56 +7,9 @@ from fastlm import GPT
 from fastlm.data import DataError, read_documents, tokenize
 from fastlm.finetune import FinetuneConfig, learning_rate, main, run
 from fastlm.tokenizer import get_tokenizer
-from tests.fastlm.conftest import make_hf_model
+from tests.fastlm.helpers import config, interrupted_after, make_hf_model, read_metrics
 
 transformers = pytest.importorskip("transformers")
-TEXT = " ".join(f"The {c} cat sat on the {m} mat and looked at the {c} dog." for c, m in
-                [("red", "blue"), ("green", "yellow"), ("black", "white"), ("small", "big")] * 60)
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny_gpt2")
-    make_hf_model(n_layer=2, n_head=2, n_embd=32, vocab_size=50257, n_positions=64).save_pretrained(path)
-    return path
-
-
-@pytest.fixture
-def corpus(tmp_path):
-    path = tmp_path / "corpus.txt"
-    path.write_text(TEXT)
-    return path
-
-
-def config(checkpoint, corpus, tmp_path, **overrides):
-    base = dict(weights=str(checkpoint), data=str(corpus), out=str(tmp_path / "out"), max_steps=12, batch_size=4,
-                seq_len=32, lr=3e-3, warmup_steps=2, eval_every=6, save_every=6, log_every=3, device="cpu",
-                backend="torch", sample_tokens=8, cache_dir=str(tmp_path / "cache"))
-    return FinetuneConfig(**{**base, **overrides})
-
-
-@contextlib.contextmanager
-def interrupted_after(steps, monkeypatch):
-    """Within the block, a run is interrupted (KeyboardInterrupt, as Ctrl-C) when it asks for step steps + 1's batch."""
-    import fastlm.finetune as finetune
-
-    calls, real_windows = {"n": 0}, finetune.random_windows
-
-    def windows(*args):
-        calls["n"] += 1
-        if calls["n"] > steps:
-            raise KeyboardInterrupt
-        return real_windows(*args)
-
-    monkeypatch.setattr(finetune, "random_windows", windows)
-    try:
-        yield
-    finally:
-        monkeypatch.setattr(finetune, "random_windows", real_windows)
-
-
-def read_metrics(out):
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_loss_falls_and_transformers_loads_the_output(checkpoint, corpus, tmp_path, capsys):
@@ -169,6 +119,8 @@ def test_bad_data_files(tmp_path):
     (["--lora-rank", "4", "--lora-targets", "c_attn,c_foo"], "'c_foo' matches no layer"),
     (["--lora-rank", "-1"], "--lora-rank must not be negative"),
     (["--lora-rank", "4", "--lora-alpha", "0"], "--lora-alpha must be positive"),
+    (["--dtype", "bfloat16"], "--dtype is now --autocast"),
+    (["--dtype=float32"], "--dtype is now --autocast"),
 ] + ([] if torch.cuda.is_available() else [(["--device", "cuda"], "CUDA is not available")]))
 def test_bad_input_exits_2_with_one_line(checkpoint, corpus, tmp_path, capsys, args, message):
     (tmp_path / "corrupt.safetensors").write_bytes(b"\x00" * 100)
@@ -209,34 +161,3 @@ def test_half_precision_weights_train_in_fp32(checkpoint, corpus, tmp_path):
     GPT.from_pretrained(checkpoint, dtype=torch.bfloat16).save_pretrained(tmp_path / "bf16")
     run(config(tmp_path / "bf16", corpus, tmp_path, max_steps=2))
     assert GPT.from_pretrained(tmp_path / "out").lm_head.weight.dtype == torch.float32
-
-
-def test_a_checkpoint_from_before_the_newer_settings_resumes(checkpoint, corpus, tmp_path):
-    """Older checkpoints lack --train-layers, --lora-*, the windows per step, and keyed AdamW's state by index:
-    they resume exactly as the same checkpoint in today's format does."""
-    import shutil
-
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-    from fastlm.finetune import make_optimizer
-
-    run(config(checkpoint, corpus, tmp_path / "new", max_steps=2))
-    shutil.copytree(tmp_path / "new", tmp_path / "old")
-    path = tmp_path / "old" / "out" / "checkpoint.pt"
-    state = torch.load(path, weights_only=False)
-    for name in ("train_layers", "trainable", "lora_rank", "lora_alpha", "lora_targets", "lora_dropout"):
-        del state["finetune_config"][name]
-    del state["windows_per_step"], state["base_weights"]
-    model = GPT.from_pretrained(checkpoint)
-    model.load_state_dict(state["model"])
-    optimizer = make_optimizer(model, config(checkpoint, corpus, tmp_path), torch.device("cpu"))
-    set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
-    state["optimizer"] = optimizer.state_dict()  # keyed by index, as before
-    assert isinstance(next(iter(state["optimizer"]["state"])), int)
-    torch.save(state, path)
-    for name in ("new", "old"):
-        run(config(checkpoint, corpus, tmp_path / name, max_steps=3, resume=True))
-    losses = lambda name: [(m["loss"], m.get("val_loss")) for m in read_metrics(tmp_path / name / "out")]
-    assert losses("old") == losses("new")
-    new, old = (GPT.from_pretrained(tmp_path / name / "out").state_dict() for name in ("new", "old"))
-    assert all(torch.equal(new[k], old[k]) for k in new)

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from fastlm import GPT, GPTConfig
 from fastlm.model import sample
 from tests.conftest import DEVICE, requires_cuda
-from tests.fastlm.conftest import make_hf_model
+from tests.fastlm.helpers import make_hf_model
 
 BACKENDS = ["torch", "triton"]  # triton runs under the interpreter on CPU
 
@@ -97,22 +97,39 @@ def test_torch_compile_fullgraph_matches_eager(hf_dir, tokens, backend):
 
 
 def test_compiled_decode_step_is_reused_across_positions(hf_dir, tokens):
-    """The KV cache keeps decode shapes static: one compiled graph serves every position, and matches eager."""
+    """The KV cache keeps decode shapes static (its filled length is a device tensor): one compiled graph serves
+    every position, and matches eager."""
     model = load(hf_dir, "torch")
     prompt = tokens[:1, :4].to(DEVICE)
     step = torch.compile(model.forward_cached, fullgraph=True, dynamic=False)
     runs = []
     for decode in (model.forward_cached, step):
         model.setup_kv_cache(1, 16)
-        model.forward_cached(prompt, torch.arange(4, device=DEVICE), prefill=True)
+        model.forward_cached(prompt)
         token, out = prompt[:, -1:], []
         for pos in range(4, 8):
             with torch._dynamo.config.patch(error_on_recompile=decode is step and pos > 4):
-                out.append(decode(token, torch.tensor([pos], device=DEVICE)))
+                out.append(decode(token))
+        assert int(model.kv_cache.length) == 8
         model.clear_kv_cache()
         runs.append(out)
     for e, c in zip(*runs):
         torch.testing.assert_close(c, e, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cache_filled_in_pieces_equals_one_pass(hf_model, hf_dir, tokens, backend):
+    """The cache knows how much it holds: a prompt given in two pieces, then single tokens, gives the logits of
+    one causal pass over the whole sequence (no assumption that a multi-token call starts an empty cache)."""
+    model = load(hf_dir, backend)
+    seq = tokens[:, :12].to(DEVICE)
+    with torch.no_grad():
+        ref = hf_model(seq.cpu()).logits
+        model.setup_kv_cache(2, 12)
+        pieces = [model.forward_cached(seq[:, :5]), model.forward_cached(seq[:, 5:9])]
+        pieces += [model.forward_cached(seq[:, i:i + 1]) for i in range(9, 12)]
+        model.clear_kv_cache()
+    torch.testing.assert_close(torch.cat(pieces, dim=1).cpu(), ref, atol=2e-5, rtol=1e-5)
 
 
 def test_triton_backend_off_triton_says_why(hf_dir, monkeypatch):

@@ -6,21 +6,18 @@ import torch
 from safetensors.torch import load_file
 
 import fastlm.finetune as finetune
+import fastlm.progress
 from fastlm import GPT, GPTConfig
-from tests.fastlm.test_finetune import TEXT, checkpoint, config, interrupted_after, read_metrics  # noqa: F401 (fixture)
+from fastlm.trainable import choose_trainable
+from tests.fastlm.helpers import config, interrupted_after, read_metrics
 
 transformers = pytest.importorskip("transformers", reason="transformers is the GPT-2 reference (pip install -e '.[test]')")
 SHORT = dict(max_steps=4, eval_every=2, save_every=2, log_every=2, sample_tokens=0)
 
 
-@pytest.fixture
-def corpus(tmp_path):
-    path = tmp_path / "corpus.txt"
-    path.write_text(TEXT)
-    return path
 
 
-def trained_and_frozen(checkpoint, out, prefixes):  # noqa: F811
+def trained_and_frozen(checkpoint, out, prefixes):
     """Which parameters changed in training; asserts every one outside `prefixes` is bit-identical to the start."""
     before = GPT.from_pretrained(checkpoint).state_dict()
     after = GPT.from_pretrained(out).state_dict()
@@ -43,7 +40,7 @@ def optimizer_state_sizes(out) -> list[int]:
     (dict(trainable="h.0.attn.,ln_f"), ("transformer.h.0.attn.", "transformer.ln_f.")),
     (dict(train_layers=1, trainable="wpe"), ("transformer.h.1.", "transformer.ln_f.", "transformer.wpe.")),
 ])
-def test_only_the_chosen_parameters_train(checkpoint, corpus, tmp_path, capsys, options, prefixes):  # noqa: F811
+def test_only_the_chosen_parameters_train(checkpoint, corpus, tmp_path, capsys, options, prefixes):
     summary = finetune.run(config(checkpoint, corpus, tmp_path, **SHORT, **options))
     out = tmp_path / "out"
     model = GPT.from_pretrained(checkpoint)
@@ -55,13 +52,13 @@ def test_only_the_chosen_parameters_train(checkpoint, corpus, tmp_path, capsys, 
 
 
 @pytest.mark.parametrize("name", ["lm_head", "transformer.wte"])
-def test_the_tied_head_can_be_chosen_by_either_name(checkpoint, corpus, tmp_path, name):  # noqa: F811
+def test_the_tied_head_can_be_chosen_by_either_name(checkpoint, corpus, tmp_path, name):
     finetune.run(config(checkpoint, corpus, tmp_path, trainable=name, **SHORT))
     changed = trained_and_frozen(checkpoint, tmp_path / "out", ("transformer.wte.", "lm_head."))
     assert changed == {"transformer.wte.weight", "lm_head.weight"}  # one tensor under two names
 
 
-def test_lora_merged_model_and_peft_adapters(checkpoint, corpus, tmp_path):  # noqa: F811
+def test_lora_merged_model_and_peft_adapters(checkpoint, corpus, tmp_path):
     peft = pytest.importorskip("peft", reason="peft is the adapter-format reference (pip install -e '.[test]')")
     rank, alpha = 4, 8.0
     summary = finetune.run(config(checkpoint, corpus, tmp_path, lora_rank=rank, lora_alpha=alpha,
@@ -90,7 +87,7 @@ def test_lora_merged_model_and_peft_adapters(checkpoint, corpus, tmp_path):  # n
         torch.testing.assert_close(ours(idx).logits, reference(idx).logits, atol=1e-4, rtol=1e-4)
 
 
-def test_lora_resume_equals_uninterrupted(checkpoint, corpus, tmp_path, monkeypatch):  # noqa: F811
+def test_lora_resume_equals_uninterrupted(checkpoint, corpus, tmp_path, monkeypatch):
     lora = dict(lora_rank=2, lora_targets="c_attn", lr=1e-2, **SHORT)
     finetune.run(config(checkpoint, corpus, tmp_path / "a", **lora))
     with interrupted_after(2, monkeypatch), pytest.raises(KeyboardInterrupt):
@@ -103,24 +100,24 @@ def test_lora_resume_equals_uninterrupted(checkpoint, corpus, tmp_path, monkeypa
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_loss_png_is_written_at_each_evaluation(checkpoint, corpus, tmp_path, monkeypatch):  # noqa: F811
+def test_loss_png_is_written_at_each_evaluation(checkpoint, corpus, tmp_path, monkeypatch):
     pytest.importorskip("matplotlib", reason="loss.png needs the optional extra fastlm[plot] (matplotlib)")
     written = []
-    real = finetune.write_loss_plot
-    monkeypatch.setattr(finetune, "write_loss_plot", lambda metrics, path: written.append(len(metrics)) or real(metrics, path))
+    real = fastlm.progress.write_loss_plot
+    monkeypatch.setattr(fastlm.progress, "write_loss_plot", lambda metrics, path: written.append(len(metrics)) or real(metrics, path))
     finetune.run(config(checkpoint, corpus, tmp_path, **SHORT))
     assert written == [2, 4], "rewritten at each evaluation"
     assert (tmp_path / "out" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_without_matplotlib_the_run_says_how_to_get_the_plot(checkpoint, corpus, tmp_path, monkeypatch, capsys):  # noqa: F811
+def test_without_matplotlib_the_run_says_how_to_get_the_plot(checkpoint, corpus, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
     finetune.run(config(checkpoint, corpus, tmp_path, **SHORT))
     assert not (tmp_path / "out" / "loss.png").exists()
     assert capsys.readouterr().err.count("pip install 'fastlm[plot]'") == 1
 
 
-def test_overwrite_removes_the_earlier_runs_adapters(checkpoint, corpus, tmp_path):  # noqa: F811
+def test_overwrite_removes_the_earlier_runs_adapters(checkpoint, corpus, tmp_path):
     finetune.run(config(checkpoint, corpus, tmp_path, lora_rank=2, **SHORT))
     assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").is_file()
     with pytest.raises(ValueError, match="already holds checkpoint.pt"):
@@ -136,7 +133,7 @@ def test_frozen_blocks_before_the_trained_ones_keep_no_activations():
     def saved_bytes(cfg) -> int:
         # a small vocabulary, so the blocks' activations dominate the head's
         model = GPT(GPTConfig(n_layer=4, n_head=2, n_embd=64, vocab_size=101, block_size=64), backend="torch")
-        finetune.choose_trainable(model, cfg)
+        choose_trainable(model, cfg)
         total = 0
 
         def pack(tensor):

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from fastlm import GPT, WeightsError
-from tests.fastlm.conftest import make_hf_model
+from tests.fastlm.helpers import make_hf_model
 
 transformers = pytest.importorskip("transformers")
 

@@ -20,10 +20,9 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-# import_module: `kernels.cross_entropy` as an attribute is the function that kernels/__init__.py re-exports.
-ce = importlib.import_module("kernels.cross_entropy")
-ln = importlib.import_module("kernels.layer_norm")
-attn = importlib.import_module("kernels.attention")
+import kernels.flash_attention as attn
+import kernels.norms as ln
+import kernels.softmax_cross_entropy as ce
 
 DTYPES = ["fp32", "fp16", "bf16"]
 DATA = "data"  # a pointer to the op's input dtype

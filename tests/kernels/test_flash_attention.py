@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels import attention
-from kernels.attention import _attention_bwd, _attention_fwd, attention_ref
+from kernels.flash_attention import _attention_bwd, _attention_fwd, attention_ref
 from tests.conftest import DEVICE, HAS_CUDA, assert_close_to_ref, requires_cuda
 
 # The interpreter's bf16 tl.dot is wrong (../shared/NOTES.md): bf16 runs on the GPU only.

@@ -6,7 +6,7 @@ from torch import nn
 
 import kernels
 from kernels import layer_norm, rms_norm
-from kernels.layer_norm import MAX_FUSED_N, _norm_bwd, _norm_fwd
+from kernels.norms import MAX_FUSED_N, _norm_bwd, _norm_fwd
 from tests.conftest import DEVICE, assert_close_to_ref, requires_cuda
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

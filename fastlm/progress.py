@@ -1,0 +1,63 @@
+"""What a fine-tuning run shows and records as it goes: the progress line, metrics.jsonl, and loss.png (plot.py).
+
+metrics.jsonl holds one JSON object per step ({"step", "loss", "lr", "tokens_per_s"}, and "val_loss" on
+evaluation steps), rewritten whole (atomically) at every logging point, so it is never half a line.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from fastlm.files import atomic_write_text
+from fastlm.plot import PLOT_HINT, write_loss_plot
+
+
+class Progress:
+    """A one-line bar on a terminal, plain log lines otherwise."""
+
+    def __init__(self, total: int, stream=None):
+        self.total, self.stream = total, stream or sys.stderr
+        self.tty = self.stream.isatty()
+
+    def update(self, step: int, loss: float, lr: float, tokens_per_s: float, seconds_left: float, val_loss=None) -> None:
+        val = f" val {val_loss:.4f}" if val_loss is not None else ""
+        eta = time.strftime("%H:%M:%S", time.gmtime(max(0.0, seconds_left)))
+        if self.tty:
+            filled = int(30 * step / self.total)
+            bar = "#" * filled + "." * (30 - filled)
+            self.stream.write(f"\rstep {step}/{self.total} [{bar}] loss {loss:.4f}{val} lr {lr:.2e} {tokens_per_s:,.0f} tok/s left {eta} ")
+        else:
+            self.stream.write(f"step {step}/{self.total} loss {loss:.4f}{val} lr {lr:.2e} {tokens_per_s:,.0f} tok/s left {eta}\n")
+        self.stream.flush()
+
+    def note(self, message: str) -> None:
+        """A line of its own, without breaking the bar."""
+        self.stream.write(("\n" if self.tty else "") + message + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.tty:
+            self.stream.write("\n")
+
+
+def read_metrics(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def write_metrics(path: Path, metrics: list[dict]) -> None:
+    atomic_write_text(path, "".join(json.dumps(m) + "\n" for m in metrics))
+
+
+def plot_losses(metrics: list[dict], path: Path, progress: Progress) -> bool:
+    """Rewrite loss.png; False (after saying why, once) when it cannot be drawn, so the run goes on without it."""
+    try:
+        if write_loss_plot(metrics, path):
+            return True
+        progress.note(f"no loss.png: {PLOT_HINT}")
+    except Exception as e:  # noqa: BLE001 -- a plot is never worth stopping a training run for
+        progress.note(f"no loss.png: matplotlib failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+    return False

@@ -1,0 +1,59 @@
+"""Shared by the fastlm tests: small random GPT-2s from transformers (the reference), a repetitive corpus, and
+the fine-tuning helpers (a short run's config, an interruption, the metrics it wrote)."""
+import contextlib
+import json
+
+import torch
+import transformers
+
+from fastlm.finetune import FinetuneConfig
+
+transformers.logging.set_verbosity_error()
+
+
+def make_hf_model(n_layer=2, n_head=2, n_embd=64, vocab_size=101, n_positions=64, seed=0):
+    torch.manual_seed(seed)
+    config = transformers.GPT2Config(n_layer=n_layer, n_head=n_head, n_embd=n_embd, vocab_size=vocab_size,
+                                     n_positions=n_positions, bos_token_id=vocab_size - 1, eos_token_id=vocab_size - 1)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    with torch.no_grad():  # random biases and norm parameters too, so a transposed or dropped tensor shows
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or ".ln_" in name:
+                p.normal_(0.0 if name.endswith("bias") else 1.0, 0.1)
+    return model
+
+
+TEXT = " ".join(f"The {c} cat sat on the {m} mat and looked at the {c} dog." for c, m in
+                [("red", "blue"), ("green", "yellow"), ("black", "white"), ("small", "big")] * 60)
+
+
+def config(checkpoint, corpus, tmp_path, **overrides):
+    """A short CPU fine-tuning run of the tiny checkpoint on corpus, its --out under tmp_path."""
+    base = dict(weights=str(checkpoint), data=str(corpus), out=str(tmp_path / "out"), max_steps=12, batch_size=4,
+                seq_len=32, lr=3e-3, warmup_steps=2, eval_every=6, save_every=6, log_every=3, device="cpu",
+                backend="torch", sample_tokens=8, cache_dir=str(tmp_path / "cache"))
+    return FinetuneConfig(**{**base, **overrides})
+
+
+@contextlib.contextmanager
+def interrupted_after(steps, monkeypatch):
+    """Within the block, a run is interrupted (KeyboardInterrupt, as Ctrl-C) when it asks for step steps + 1's batch."""
+    import fastlm.finetune as finetune
+
+    calls, real_windows = {"n": 0}, finetune.random_windows
+
+    def windows(*args):
+        calls["n"] += 1
+        if calls["n"] > steps:
+            raise KeyboardInterrupt
+        return real_windows(*args)
+
+    monkeypatch.setattr(finetune, "random_windows", windows)
+    try:
+        yield
+    finally:
+        monkeypatch.setattr(finetune, "random_windows", real_windows)
+
+
+def read_metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
