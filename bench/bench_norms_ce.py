@@ -52,6 +52,30 @@ def bench_norm(gpu_bench, benchmark, op, M, N, mode, provider):
     gpu_bench(step, gb_per_s=lambda t: nbytes / t / 1e9)
 
 
+@pytest.mark.parametrize("provider", ["triton", "eager", "compile"])
+@pytest.mark.parametrize("M,N", [(16384, 768), (8192, 1024), (8192, 1600)])
+def bench_add_layer_norm(gpu_bench, benchmark, M, N, provider):
+    """GPT-2's prenorm step: h = stream + branch (fp32 stream, bf16 branch), y = LayerNorm(h) in bf16 for the next
+    matmul, forward and backward through both outputs. Bytes: branch, stream, h, y forward; dy, dh, h, dstream,
+    dbranch backward."""
+    benchmark.group = f"add_layer_norm {M}x{N} fp32 stream bf16 branch forward_backward"
+    stream = torch.randn(M, N, device="cuda", requires_grad=True)
+    branch = torch.randn(M, N, device="cuda", dtype=DTYPE, requires_grad=True)
+    w = torch.randn(N, device="cuda", requires_grad=True)
+    b = torch.randn(N, device="cuda", requires_grad=True)
+    dy, dh = torch.randn(M, N, device="cuda", dtype=DTYPE), torch.randn(M, N, device="cuda")
+
+    def eager(branch, stream):
+        h = stream + branch
+        return F.layer_norm(h, (N,), w, b).to(DTYPE), h
+
+    fn = {"triton": lambda branch, stream: kernels.layer_norm(branch, w, b, residual=stream, out_dtype=DTYPE),
+          "eager": eager, "compile": torch.compile(eager, fullgraph=True)}[provider]
+    nbytes = M * N * (2 + 4 + 4 + 2) + M * N * (2 + 4 + 4 + 4 + 2)
+    gpu_bench(lambda: torch.autograd.grad(fn(branch, stream), (branch, stream, w, b), (dy, dh)),
+              gb_per_s=lambda t: nbytes / t / 1e9)
+
+
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("V", [50257, 128256])
 def bench_cross_entropy(gpu_bench, benchmark, V, provider):
@@ -85,3 +109,23 @@ def bench_linear_cross_entropy(gpu_bench, benchmark, C, provider):
         fn = {"triton": kernels.linear_cross_entropy, "eager": unfused, "compile": torch.compile(unfused, fullgraph=True)}[provider]
     flops = 3 * 2 * N * C * V  # logits, dx, dW matmuls
     gpu_bench(lambda: torch.autograd.grad(fn(x, w, target), (x, w)), tflop_per_s=lambda t: flops / t / 1e12)
+
+
+@pytest.mark.parametrize("provider", ["triton", "eager", "compile"])
+def bench_linear_cross_entropy_fp32_master_head(gpu_bench, benchmark, provider):
+    """The fine-tune's own head: bf16 hidden states, an fp32 master weight, under bf16 autocast (the head's matmuls
+    in bf16, dW accumulated in fp32)."""
+    N, C, V = 8192, 768, 50257
+    benchmark.group = f"linear_cross_entropy {N}x{C}x{V} fp32 weight bf16 autocast forward_backward"
+    x = torch.randn(N, C, device="cuda", dtype=DTYPE, requires_grad=True)
+    w = (torch.randn(V, C, device="cuda") / C**0.5).requires_grad_()
+    target = torch.randint(0, V, (N,), device="cuda")
+    unfused = lambda x, w, t: F.cross_entropy(F.linear(x, w).float(), t)
+    fn = {"triton": kernels.linear_cross_entropy, "eager": unfused, "compile": torch.compile(unfused, fullgraph=True)}[provider]
+
+    def step():
+        with torch.autocast("cuda", dtype=DTYPE):
+            loss = fn(x, w, target)
+        return torch.autograd.grad(loss, (x, w))
+
+    gpu_bench(step, tflop_per_s=lambda t: 3 * 2 * N * C * V / t / 1e12)

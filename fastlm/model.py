@@ -50,10 +50,10 @@ def _torch_layer_norm(x: Tensor, norm: nn.LayerNorm, residual: Tensor | None = N
 
 
 def _triton_layer_norm(x: Tensor, norm: nn.LayerNorm, residual: Tensor | None = None):
-    if residual is None:
-        return kernels.layer_norm(x, norm.weight, norm.bias, norm.eps)
-    h = residual + x
-    return kernels.layer_norm(h, norm.weight, norm.bias, norm.eps), h
+    # One kernel adds the branch to the stream and normalises the sum; under autocast y comes out in the autocast
+    # dtype for the matmul that reads it, while the stream stays in its own (fp32) dtype.
+    out_dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else None
+    return kernels.layer_norm(x, norm.weight, norm.bias, norm.eps, residual=residual, out_dtype=out_dtype)
 
 
 def _torch_head_loss(h: Tensor, weight: Tensor, targets: Tensor, reduction: str) -> Tensor:

@@ -15,6 +15,9 @@ Backward (FA2): delta_i = dO_i . O_i, then P is recomputed from lse:
 One kernel owns a block of keys and sums dK, dV over every query of every head that shares it (grouped-query
 attention); another owns a block of queries and sums dQ. No atomics: gradients are bit-identical run to run.
 
+The output is (B, H, T, D) laid out as (B, T, H, D) in memory (strides (T*H*D, D, H*D, 1)), so a model's
+y.transpose(1, 2).reshape(B, T, H * D) is a view, not a copy; the backward reads out and dO by their strides.
+
 Limits: q (B, H, T, D), k and v (B, Hkv, S, D) with H a multiple of Hkv (GQA/MQA read k/v in place), the
 layout of F.scaled_dot_product_attention; any T, S >= 1; D <= 256 (padded to a power of two internally);
 any strides (views split from a fused qkv projection go in without a copy); fp32, fp16, bf16, all three the
@@ -69,10 +72,11 @@ def _attn_fwd_inner(
 
 @triton.jit
 def _attn_fwd_kernel(
-    Q, K, V, O, Lse,              # pointers: q (B, H, T, D), k/v (B, Hkv, S, D) strided; out (B, H, T, D); fp32 lse (B, H, T)
+    Q, K, V, O, Lse,              # pointers: q (B, H, T, D), k/v (B, Hkv, S, D), out (B, H, T, D) strided; fp32 lse (B, H, T)
     stride_qb, stride_qh, stride_qt, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vh, stride_vs, stride_vd,
+    stride_ob, stride_oh, stride_ot, stride_od,
     H, T, S, GROUP,               # GROUP = H // Hkv query heads per key/value head
     scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -114,14 +118,15 @@ def _attn_fwd_kernel(
     l_safe = tl.where(seen, l_i, 1.0)
     out = acc / l_safe[:, None]
     lse = tl.where(seen, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
-    O += bh.to(tl.int64) * T * HEAD_DIM
-    tl.store(O + offs_m[:, None] * HEAD_DIM + offs_d[None, :], out.to(O.dtype.element_ty), mask=row_mask[:, None] & d_mask[None, :])
+    O += b * stride_ob + h * stride_oh
+    tl.store(O + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od, out.to(O.dtype.element_ty), mask=row_mask[:, None] & d_mask[None, :])
     tl.store(Lse + bh.to(tl.int64) * T + offs_m, lse, mask=row_mask)
 
 
 @triton.jit
 def _attn_bwd_preprocess_kernel(
-    O, DO, Delta,                 # pointers: out (B, H, T, D) contiguous, its grad (strided), fp32 delta (B, H, T)
+    O, DO, Delta,                 # pointers: out (B, H, T, D) and its grad, both strided; fp32 delta (B, H, T)
+    stride_ob, stride_oh, stride_ot, stride_od,
     stride_dob, stride_doh, stride_dot, stride_dod,
     H, T,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -130,8 +135,11 @@ def _attn_bwd_preprocess_kernel(
     bh = tl.program_id(1)
     offs_d = tl.arange(0, BLOCK_D)
     mask = (offs_m < T)[:, None] & (offs_d < HEAD_DIM)[None, :]
-    DO += (bh // H).to(tl.int64) * stride_dob + (bh % H).to(tl.int64) * stride_doh
-    o = tl.load(O + bh.to(tl.int64) * T * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :], mask=mask, other=0.0)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    DO += b * stride_dob + h * stride_doh
+    O += b * stride_ob + h * stride_oh
+    o = tl.load(O + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od, mask=mask, other=0.0)
     do = tl.load(DO + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod, mask=mask, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
     tl.store(Delta + bh.to(tl.int64) * T + offs_m, delta, mask=offs_m < T)
@@ -314,17 +322,23 @@ def _strides(t: Tensor) -> tuple[int, int, int, int]:
     return tuple(t.stride())
 
 
+def _new_output(q: Tensor) -> Tensor:
+    """The output (B, H, T, D), laid out (B, T, H, D) in memory: the model's (B, T, C) reshape is then a view."""
+    B, H, T, D = q.shape
+    return q.new_empty_strided((B, H, T, D), (T * H * D, D, H * D, 1))  # not a view: a tensor of its own
+
+
 @torch.library.custom_op("fastlm::attention_fwd", mutates_args=())
 def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
     check_triton_device("fastlm::attention_fwd", q, k, v)
     B, H, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
-    out = torch.empty((B, H, T, D), dtype=q.dtype, device=q.device)
+    out = _new_output(q)
     lse = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
     cfg = launch_config("fwd", D, q.dtype)
     grid = (triton.cdiv(T, cfg["BLOCK_M"]), B * H)
     _attn_fwd_kernel[grid](
-        q, k, v, out, lse, *_strides(q), *_strides(k), *_strides(v), H, T, S, H // Hkv, scale,
+        q, k, v, out, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(out), H, T, S, H // Hkv, scale,
         HEAD_DIM=D, CAUSAL=causal, DOT_PRECISION=_dot_precision(q.dtype), **cfg,
     )
     return out, lse
@@ -333,15 +347,19 @@ def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) 
 @_attention_fwd.register_fake
 def _(q, k, v, causal, scale):
     B, H, T, D = q.shape
-    return q.new_empty(B, H, T, D), q.new_empty(B, H, T, dtype=torch.float32)
+    return _new_output(q), q.new_empty(B, H, T, dtype=torch.float32)
 
 
 @torch.library.custom_op("fastlm::attention_bwd", mutates_args=())
 def _attention_bwd(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool, scale: float
 ) -> tuple[Tensor, Tensor, Tensor]:
-    check_triton_device("fastlm::attention_bwd", dout, q, k, v)
+    check_triton_device("fastlm::attention_bwd", dout, q, k, v, out, lse)
     B, H, T, D = q.shape
+    if out.shape != q.shape or lse.shape != (B, H, T) or not lse.is_contiguous():
+        raise ValueError(f"fastlm::attention_bwd: out must be q's shape {tuple(q.shape)} (any strides) and lse a "
+                         f"contiguous ({B}, {H}, {T}), as attention_fwd returns them; got {tuple(out.shape)}, "
+                         f"{tuple(lse.shape)} with strides {lse.stride()}")
     Hkv, S = k.shape[1], k.shape[2]
     dq = torch.empty((B, H, T, D), dtype=q.dtype, device=q.device)
     dk = torch.empty((B, Hkv, S, D), dtype=k.dtype, device=q.device)
@@ -349,7 +367,7 @@ def _attention_bwd(
     delta = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
     cfg = launch_config("preprocess", D, q.dtype)
     _attn_bwd_preprocess_kernel[(triton.cdiv(T, cfg["BLOCK_M"]), B * H)](
-        out, dout, delta, *_strides(dout), H, T, HEAD_DIM=D, **cfg)
+        out, dout, delta, *_strides(out), *_strides(dout), H, T, HEAD_DIM=D, **cfg)
     common = dict(HEAD_DIM=D, CAUSAL=causal, DOT_PRECISION=_dot_precision(q.dtype))
     strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(dout))
     cfg = launch_config("dkdv", D, q.dtype)
@@ -412,8 +430,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale: float
 def attention_ref(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale: float | None = None) -> Tensor:
     """SDPA with the same semantics (bottom-right causal mask): the fallback off Triton and the test reference."""
     T, S = q.shape[2], k.shape[2]
-    mask = None
-    if causal and T != S:
+    gqa = q.shape[1] != k.shape[1]
+    if causal and T != S:  # plain `if`s on the shapes: under torch.compile they guard, and SDPA gets Python bools
         mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and T == S, scale=scale,
-                                          enable_gqa=q.shape[1] != k.shape[1])
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True if gqa else False)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=True if gqa else False)

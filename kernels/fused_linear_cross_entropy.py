@@ -23,7 +23,7 @@ the upstream gradient (over the number of counted rows for "mean"). So a 2^15 lo
 each chunk's logits with the per-row upstream gradient folded into their gradient.
 
 Chunks. `chunk_size` rows (default: as many as keep one chunk's logits within DEFAULT_CHUNK_BYTES, balanced
-across the chunks: GPT-2 at 8192 tokens in bf16 takes 3 chunks of 2731 rows). Every chunk reads and updates
+across the chunks: GPT-2 at 8192 tokens in bf16 takes 4 chunks of 2048 rows). Every chunk reads and updates
 the whole dW accumulator once, so a few large chunks move far less memory than many small ones; the budget
 bounds the one logits buffer they share. That buffer's rows are padded to a multiple of 64 elements (50257 ->
 50304), so the cross-entropy kernels read them 128 bits at a time whatever V is.

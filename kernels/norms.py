@@ -13,8 +13,14 @@ parallel variance merge, then a second pass to normalise). Backward: a persisten
 dw/db for its rows in fp32 and writes one partial row, and the partials are summed in a fixed order, so
 results are identical run to run (no atomics).
 
+Fused residual add (`residual=`): the forward reads x and the residual once, writes h = residual + x (the
+residual stream, in its own dtype) and y = norm(h) in a requested dtype (`out_dtype`, e.g. bf16 for the matmul
+that follows under autocast, while the stream stays fp32); the backward adds h's own gradient (from the stream's
+later use) to the norm's, and writes it once per dtype that needs it. A weight or bias that does not require grad
+gets no partial sums and no reduction. This is flash-attention's `layer_norm_fn(x, w, b, residual, prenorm=True)`.
+
 Limits: any width N >= 1 and any number of rows; x of any shape (..., N) and strides (a 2-D strided view
-goes to the kernel without a copy); fp32, fp16, bf16, output in x's dtype. On a CPU tensor without the
+goes to the kernel without a copy); fp32, fp16, bf16, output in x's dtype unless out_dtype says otherwise. On a CPU tensor without the
 Triton interpreter, `layer_norm`/`rms_norm` run `layer_norm_ref`/`rms_norm_ref` (plain PyTorch).
 """
 from __future__ import annotations
@@ -37,23 +43,31 @@ ROW_TILE = 2048  # narrow rows are packed BLOCK_M to a program, up to this many 
 # -----------------------------------------------------------------------------
 @triton.jit
 def _norm_fwd_kernel(
-    X, Y, W, B,                   # pointers: input (M, N) strided, output (M, N) contiguous, weight (N,), bias (N,)
+    X, R, Y, H, W, B,             # pointers: input, residual (M, N) strided; output, sum x + r (M, N) contiguous; weight, bias
     Mean, Rstd,                   # fp32 (M,): per-row statistics kept for backward
     stride_xm, stride_xn,         # input strides
+    stride_rm, stride_rn,         # residual strides
     M, N, eps,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SINGLE_PASS: tl.constexpr,    # BLOCK_N >= N: the whole row lives in registers
     IS_RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,   # normalise h = x + r (rounded to H's dtype) and write h
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < M
     rows = rows.to(tl.int64)  # int64: row * stride overflows int32 past 2^31 elements
     X_rows = X + rows[:, None] * stride_xm
+    R_rows = R + rows[:, None] * stride_rm
     Y_rows = Y + rows[:, None] * N
+    H_rows = H + rows[:, None] * N
     if SINGLE_PASS:
         cols = tl.arange(0, BLOCK_N)
         mask = row_mask[:, None] & (cols < N)[None, :]
         x = tl.load(X_rows + cols[None, :] * stride_xn, mask=mask, other=0.0).to(tl.float32)
+        if HAS_RESIDUAL:
+            h = (x + tl.load(R_rows + cols[None, :] * stride_rn, mask=mask, other=0.0).to(tl.float32)).to(H.dtype.element_ty)
+            tl.store(H_rows + cols[None, :], h, mask=mask)
+            x = h.to(tl.float32)
         if IS_RMS:
             mean = tl.zeros([BLOCK_M], dtype=tl.float32)
         else:
@@ -67,13 +81,17 @@ def _norm_fwd_kernel(
             y = y + tl.load(B + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
         tl.store(Y_rows + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
     else:
-        # Pass 1: per-block mean and M2, merged across blocks (Chan et al.), stable for large means.
+        # Pass 1: per-block mean and M2, merged across blocks (Chan et al.), stable for large means; h is written.
         mean = tl.zeros([BLOCK_M], dtype=tl.float32)
         m2 = tl.zeros([BLOCK_M], dtype=tl.float32)
         for start in range(0, N, BLOCK_N):
             cols = start + tl.arange(0, BLOCK_N)
             mask = row_mask[:, None] & (cols < N)[None, :]
             x = tl.load(X_rows + cols[None, :] * stride_xn, mask=mask, other=0.0).to(tl.float32)
+            if HAS_RESIDUAL:
+                h = (x + tl.load(R_rows + cols[None, :] * stride_rn, mask=mask, other=0.0).to(tl.float32)).to(H.dtype.element_ty)
+                tl.store(H_rows + cols[None, :], h, mask=mask)
+                x = h.to(tl.float32)
             if IS_RMS:
                 m2 += tl.sum(x * x, axis=1)
             else:
@@ -86,11 +104,14 @@ def _norm_fwd_kernel(
                 mean += delta * (n_block / n_total)
                 m2 += tl.sum(xc * xc, axis=1) + delta * delta * (n_seen * n_block / n_total)
         rstd = 1.0 / tl.sqrt(m2 / N + eps)
-        # Pass 2: normalise.
+        # Pass 2: normalise (re-reading h, which this program wrote, when there is a residual).
         for start in range(0, N, BLOCK_N):
             cols = start + tl.arange(0, BLOCK_N)
             mask = row_mask[:, None] & (cols < N)[None, :]
-            x = tl.load(X_rows + cols[None, :] * stride_xn, mask=mask, other=0.0).to(tl.float32)
+            if HAS_RESIDUAL:
+                x = tl.load(H_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            else:
+                x = tl.load(X_rows + cols[None, :] * stride_xn, mask=mask, other=0.0).to(tl.float32)
             y = (x - mean[:, None]) * rstd[:, None]
             if HAS_WEIGHT:
                 y = y * tl.load(W + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
@@ -103,13 +124,16 @@ def _norm_fwd_kernel(
 
 @triton.jit
 def _norm_bwd_kernel(
-    DY, X, W, Mean, Rstd,         # pointers: output grad (M, N) strided, input (M, N) strided, weight, fp32 stats
-    DX,                           # input grad (M, N) contiguous
+    DY, X, W, Mean, Rstd,         # pointers: output grad (M, N) strided, normalised input (M, N) strided, weight, fp32 stats
+    DH,                           # grad of the sum h (M, N) contiguous, added to dx (HAS_DH)
+    DX, DX2,                      # input grads (M, N) contiguous: DX in the normalised input's dtype, DX2 in another
     DW_partial, DB_partial,       # fp32 (num_programs, N): one partial sum per program
     stride_dym, stride_dyn, stride_xm, stride_xn,
     M, N,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE_PASS: tl.constexpr,
-    IS_RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    IS_RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+    COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,  # only the parameter gradients that are needed
+    HAS_DH: tl.constexpr, STORE_DX2: tl.constexpr,
 ):
     pid = tl.program_id(0)
     num_row_blocks = tl.cdiv(M, BLOCK_M)
@@ -131,7 +155,9 @@ def _norm_bwd_kernel(
             mean = tl.load(Mean + rows, mask=row_mask, other=0.0)
         X_rows = X + rows[:, None] * stride_xm
         DY_rows = DY + rows[:, None] * stride_dym
+        DH_rows = DH + rows[:, None] * N
         DX_rows = DX + rows[:, None] * N
+        DX2_rows = DX2 + rows[:, None] * N
         if SINGLE_PASS:
             mask = row_mask[:, None] & col_mask[None, :]
             x = tl.load(X_rows + cols[None, :] * stride_xn, mask=mask, other=0.0).to(tl.float32)
@@ -147,10 +173,14 @@ def _norm_bwd_kernel(
             else:
                 c2 = tl.sum(g, axis=1) / N
                 dx = (g - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
+            if HAS_DH:
+                dx += tl.load(DH_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
             tl.store(DX_rows + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
-            if HAS_WEIGHT:
+            if STORE_DX2:
+                tl.store(DX2_rows + cols[None, :], dx.to(DX2.dtype.element_ty), mask=mask)
+            if COMPUTE_DW:
                 dw_acc += tl.sum(dy * xhat, axis=0)
-            if HAS_BIAS:
+            if COMPUTE_DB:
                 db_acc += tl.sum(dy, axis=0)
         else:
             c1 = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -181,18 +211,22 @@ def _norm_bwd_kernel(
                     dx = (g - xhat * c1[:, None]) * rstd[:, None]
                 else:
                     dx = (g - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
+                if HAS_DH:
+                    dx += tl.load(DH_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
                 tl.store(DX_rows + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+                if STORE_DX2:
+                    tl.store(DX2_rows + cols[None, :], dx.to(DX2.dtype.element_ty), mask=mask)
                 # Only this program touches its partial row, so read-add-write is race-free and deterministic.
-                if HAS_WEIGHT:
+                if COMPUTE_DW:
                     partial = DW_partial + pid * N + cols
                     tl.store(partial, tl.load(partial, mask=cols < N) + tl.sum(dy * xhat, axis=0), mask=cols < N)
-                if HAS_BIAS:
+                if COMPUTE_DB:
                     partial = DB_partial + pid * N + cols
                     tl.store(partial, tl.load(partial, mask=cols < N) + tl.sum(dy, axis=0), mask=cols < N)
     if SINGLE_PASS:
-        if HAS_WEIGHT:
+        if COMPUTE_DW:
             tl.store(DW_partial + pid * N + cols, dw_acc, mask=col_mask)
-        if HAS_BIAS:
+        if COMPUTE_DB:
             tl.store(DB_partial + pid * N + cols, db_acc, mask=col_mask)
 
 
@@ -215,112 +249,167 @@ def _as_rows(t: Tensor) -> Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
+def _sum_dtype(x: Tensor, residual: Tensor) -> torch.dtype:
+    return torch.promote_types(x.dtype, residual.dtype)  # as `residual + x`: an fp32 stream stays fp32
+
+
 @torch.library.custom_op("fastlm::layer_norm_fwd", mutates_args=())
 def _norm_fwd(
-    x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, is_rms: bool
-) -> tuple[Tensor, Tensor, Tensor]:
-    check_triton_device("fastlm::layer_norm_fwd", x, weight, bias)
+    x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], residual: Optional[Tensor], eps: float, is_rms: bool,
+    out_dtype: Optional[torch.dtype],
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """y = norm(x [+ residual]) in out_dtype (default: the normalised input's), the sum h (an empty tensor without
+    a residual), and fp32 mean and rstd per row."""
+    check_triton_device("fastlm::layer_norm_fwd", x, weight, bias, residual)
     weight, bias = _dense(weight), _dense(bias)  # the kernels index parameters as contiguous
     x2 = _as_rows(x)
     M, N = x2.shape
-    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    h_dtype = x.dtype if residual is None else _sum_dtype(x, residual)
+    y = torch.empty(x.shape, dtype=out_dtype or h_dtype, device=x.device)
+    h = torch.empty(x.shape if residual is not None else (0,), dtype=h_dtype, device=x.device)
+    r2 = x2 if residual is None else _as_rows(residual)
     mean = torch.empty(M, dtype=torch.float32, device=x.device)
     rstd = torch.empty(M, dtype=torch.float32, device=x.device)
     if M > 0:
         cfg = launch_config(N)
         grid = (triton.cdiv(M, cfg["BLOCK_M"]),)
         _norm_fwd_kernel[grid](
-            x2, y, x2 if weight is None else weight, x2 if bias is None else bias, mean, rstd,
-            x2.stride(0), x2.stride(1), M, N, eps,
-            IS_RMS=is_rms, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, **cfg,
+            x2, r2, y, y if residual is None else h, x2 if weight is None else weight, x2 if bias is None else bias,
+            mean, rstd, x2.stride(0), x2.stride(1), r2.stride(0), r2.stride(1), M, N, eps,
+            IS_RMS=is_rms, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
+            **cfg,
         )
-    return y, mean, rstd
+    return y, h, mean, rstd
 
 
 @_norm_fwd.register_fake
-def _(x, weight, bias, eps, is_rms):
+def _(x, weight, bias, residual, eps, is_rms, out_dtype):
     M = x.numel() // x.shape[-1]
+    h_dtype = x.dtype if residual is None else _sum_dtype(x, residual)
+    y = torch.empty_like(x, dtype=out_dtype or h_dtype, memory_format=torch.contiguous_format)
+    h = x.new_empty(x.shape if residual is not None else (0,), dtype=h_dtype)
     stats = x.new_empty(M, dtype=torch.float32)
-    return torch.empty_like(x, memory_format=torch.contiguous_format), stats, stats.clone()
+    return y, h, stats, stats.clone()
 
 
 @torch.library.custom_op("fastlm::layer_norm_bwd", mutates_args=())
 def _norm_bwd(
-    dy: Tensor, x: Tensor, weight: Optional[Tensor], mean: Tensor, rstd: Tensor, has_bias: bool, is_rms: bool
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Returns dx, dweight, dbias; an absent weight or bias gets an empty gradient (autograd maps it to None)."""
-    check_triton_device("fastlm::layer_norm_bwd", dy, x, weight)
+    dy: Tensor, dh: Optional[Tensor], x: Tensor, weight: Optional[Tensor], mean: Tensor, rstd: Tensor, is_rms: bool,
+    has_bias: bool, grad_weight: bool, grad_bias: bool, dx2_dtype: Optional[torch.dtype],
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of the normalised input x (plus dh, the sum's own gradient, when given), in x's dtype and, with
+    dx2_dtype, the same values in that dtype (else an empty tensor); then dweight and dbias, made only when asked
+    for (grad_weight, grad_bias; an empty tensor otherwise, which autograd maps to None)."""
+    check_triton_device("fastlm::layer_norm_bwd", dy, dh, x, weight)
     weight = _dense(weight)
     x2, dy2 = _as_rows(x), _as_rows(dy)
+    dh2 = None if dh is None else _as_rows(dh.contiguous())
     M, N = x2.shape
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    dx2 = torch.empty(x.shape if dx2_dtype is not None else (0,), dtype=dx2_dtype or x.dtype, device=x.device)
     cfg = launch_config(N, backward=True)
     programs = max(1, min(num_programs(x.device), triton.cdiv(M, cfg["BLOCK_M"])))
-    has_weight = weight is not None
+    compute_dw, compute_db = grad_weight and weight is not None, grad_bias and has_bias
     # Partials start at zero: programs with no rows, and the streaming path, rely on it.
-    dw_partial = torch.zeros((programs, N) if has_weight else (1,), dtype=torch.float32, device=x.device)
-    db_partial = torch.zeros((programs, N) if has_bias else (1,), dtype=torch.float32, device=x.device)
+    dw_partial = torch.zeros((programs, N) if compute_dw else (1,), dtype=torch.float32, device=x.device)
+    db_partial = torch.zeros((programs, N) if compute_db else (1,), dtype=torch.float32, device=x.device)
     if M > 0:
         _norm_bwd_kernel[(programs,)](
-            dy2, x2, x2 if weight is None else weight, mean, rstd, dx, dw_partial, db_partial,
+            dy2, x2, x2 if weight is None else weight, mean, rstd, x2 if dh2 is None else dh2, dx,
+            dx if dx2_dtype is None else dx2, dw_partial, db_partial,
             dy2.stride(0), dy2.stride(1), x2.stride(0), x2.stride(1), M, N,
-            IS_RMS=is_rms, HAS_WEIGHT=has_weight, HAS_BIAS=has_bias, **cfg,
+            IS_RMS=is_rms, HAS_WEIGHT=weight is not None, COMPUTE_DW=compute_dw, COMPUTE_DB=compute_db,
+            HAS_DH=dh is not None, STORE_DX2=dx2_dtype is not None, **cfg,
         )
     param_dtype = x.dtype if weight is None else weight.dtype
-    dw = dw_partial.sum(0).to(param_dtype) if has_weight else x.new_empty(0, dtype=param_dtype)
-    db = db_partial.sum(0).to(param_dtype) if has_bias else x.new_empty(0, dtype=param_dtype)
-    return dx, dw, db
+    dw = dw_partial.sum(0).to(param_dtype) if compute_dw else x.new_empty(0, dtype=param_dtype)
+    db = db_partial.sum(0).to(param_dtype) if compute_db else x.new_empty(0, dtype=param_dtype)
+    return dx, dx2, dw, db
 
 
 @_norm_bwd.register_fake
-def _(dy, x, weight, mean, rstd, has_bias, is_rms):
+def _(dy, dh, x, weight, mean, rstd, is_rms, has_bias, grad_weight, grad_bias, dx2_dtype):
     N = x.shape[-1]
     param_dtype = x.dtype if weight is None else weight.dtype
     dx = torch.empty_like(x, memory_format=torch.contiguous_format)
-    dw = x.new_empty(N if weight is not None else 0, dtype=param_dtype)
-    db = x.new_empty(N if has_bias else 0, dtype=param_dtype)
-    return dx, dw, db
+    dx2 = x.new_empty(x.shape if dx2_dtype is not None else (0,), dtype=dx2_dtype or x.dtype)
+    dw = x.new_empty(N if grad_weight and weight is not None else 0, dtype=param_dtype)
+    db = x.new_empty(N if grad_bias and has_bias else 0, dtype=param_dtype)
+    return dx, dx2, dw, db
 
 
 def _norm_setup_context(ctx, inputs, output):
-    x, weight, bias, eps, is_rms = inputs
-    _, mean, rstd = output
-    ctx.save_for_backward(x, weight, mean, rstd)
-    ctx.has_bias, ctx.is_rms = bias is not None, is_rms
+    x, weight, bias, residual, eps, is_rms, out_dtype = inputs
+    _, h, mean, rstd = output
+    ctx.mark_non_differentiable(mean, rstd)
+    ctx.set_materialize_grads(False)  # an unused h gets no zero-filled gradient
+    ctx.save_for_backward(x if residual is None else h, weight, mean, rstd)
+    ctx.has_bias, ctx.is_rms, ctx.has_residual = bias is not None, is_rms, residual is not None
+    ctx.dtypes = (x.dtype, None if residual is None else residual.dtype)
 
 
-def _norm_backward(ctx, dy, _dmean, _drstd):
-    x, weight, mean, rstd = ctx.saved_tensors
-    dx, dw, db = _norm_bwd(dy, x, weight, mean, rstd, ctx.has_bias, ctx.is_rms)
-    return dx, dw if weight is not None else None, db if ctx.has_bias else None, None, None
+def _norm_backward(ctx, dy, dh, _dmean, _drstd):
+    normalised, weight, mean, rstd = ctx.saved_tensors
+    if not ctx.has_residual:
+        dh = None  # the empty placeholder output's gradient (a tracer may still hand one in)
+    if dy is None:
+        dy = torch.zeros_like(normalised)
+    need_x, need_w, need_b, need_r = ctx.needs_input_grad[:4]
+    # The sum's dtype is the residual's or x's; the other one, if it differs and needs a gradient, gets a copy.
+    x_dtype, r_dtype = ctx.dtypes
+    other = x_dtype if need_x and normalised.dtype != x_dtype else (r_dtype if need_r and r_dtype not in (None, normalised.dtype) else None)
+    d, d2, dw, db = _norm_bwd(dy, dh, normalised, weight, mean, rstd, ctx.is_rms, ctx.has_bias, need_w, need_b, other)
+    by_dtype = {d.dtype: d, **({d2.dtype: d2} if other is not None else {})}
+    dx = by_dtype[x_dtype] if need_x else None
+    dr = by_dtype[r_dtype] if ctx.has_residual and need_r else None
+    return dx, dw if need_w and weight is not None else None, db if need_b and ctx.has_bias else None, dr, None, None, None
 
 
 _norm_fwd.register_autograd(_norm_backward, setup_context=_norm_setup_context)
 
 
 # -----------------------------------------------------------------------------
-def _check_args(name: str, x: Tensor, weight: Tensor | None, bias: Tensor | None) -> None:
+def _check_args(name: str, x: Tensor, weight: Tensor | None, bias: Tensor | None, residual: Tensor | None) -> None:
     if x.dim() == 0 or x.shape[-1] == 0:
         raise ValueError(f"{name}: x must have a non-empty last dimension, got shape {tuple(x.shape)}")
     for label, p in (("weight", weight), ("bias", bias)):
         if p is not None and tuple(p.shape) != (x.shape[-1],):
             raise ValueError(f"{name}: {label} has shape {tuple(p.shape)}, expected ({x.shape[-1]},) for x of shape {tuple(x.shape)}")
+    if residual is not None and residual.shape != x.shape:
+        raise ValueError(f"{name}: residual has shape {tuple(residual.shape)}, expected x's {tuple(x.shape)}")
 
 
-def layer_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None, eps: float = 1e-5) -> Tensor:
-    """Drop-in for `F.layer_norm(x, (N,), weight, bias, eps)` over the last dim. x: (..., N)."""
-    _check_args("layer_norm", x, weight, bias)
+def layer_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None, eps: float = 1e-5,
+               residual: Tensor | None = None, out_dtype: torch.dtype | None = None):
+    """Drop-in for `F.layer_norm(x, (N,), weight, bias, eps)` over the last dim. x: (..., N).
+
+    With `residual` (same shape): returns (y, h) with h = residual + x (dtype promoted as `+` would: an fp32
+    residual stream stays fp32) and y = layer_norm(h), in one pass over x and residual; both gradients flow.
+    out_dtype: y's dtype (default: that of the normalised input), e.g. bfloat16 for a matmul under autocast.
+    """
+    _check_args("layer_norm", x, weight, bias, residual)
     if not use_triton(x):
-        return layer_norm_ref(x, weight, bias, eps)
-    return _norm_fwd(x, weight, bias, eps, False)[0]
+        return _norm_ref(x, residual, out_dtype, lambda h: layer_norm_ref(h, weight, bias, eps))
+    y, h, _, _ = _norm_fwd(x, weight, bias, residual, eps, False, out_dtype)
+    return y if residual is None else (y, h)
 
 
-def rms_norm(x: Tensor, weight: Tensor | None = None, eps: float = 1e-6) -> Tensor:
-    """Drop-in for `F.rms_norm(x, (N,), weight, eps)` over the last dim. x: (..., N)."""
-    _check_args("rms_norm", x, weight, None)
+def rms_norm(x: Tensor, weight: Tensor | None = None, eps: float = 1e-6, residual: Tensor | None = None,
+             out_dtype: torch.dtype | None = None):
+    """Drop-in for `F.rms_norm(x, (N,), weight, eps)` over the last dim. x: (..., N). `residual` and `out_dtype`
+    as in layer_norm."""
+    _check_args("rms_norm", x, weight, None, residual)
     if not use_triton(x):
-        return rms_norm_ref(x, weight, eps)
-    return _norm_fwd(x, weight, None, eps, True)[0]
+        return _norm_ref(x, residual, out_dtype, lambda h: rms_norm_ref(h, weight, eps))
+    y, h, _, _ = _norm_fwd(x, weight, None, residual, eps, True, out_dtype)
+    return y if residual is None else (y, h)
+
+
+def _norm_ref(x: Tensor, residual: Tensor | None, out_dtype: torch.dtype | None, norm):
+    h = x if residual is None else residual + x
+    y = norm(h)
+    y = y if out_dtype is None else y.to(out_dtype)
+    return y if residual is None else (y, h)
 
 
 def layer_norm_ref(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None, eps: float = 1e-5) -> Tensor:

@@ -3,10 +3,18 @@
 TRITON_INTERPRET must be set before the kernels are defined, so it is set here, before any test module
 imports `kernels`. On a machine with CUDA the tests run the compiled kernels on the GPU instead.
 """
+import hashlib
 import os
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
+
+# Inductor's graph cache does not hash a custom op's fake implementation: after a kernel file changes, a stale
+# entry can assume the old output strides. One cache directory per version of kernels/ avoids that.
+_KERNELS = hashlib.sha256(b"".join(p.read_bytes() for p in sorted((Path(__file__).parents[1] / "kernels").glob("*.py"))))
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"fastlm-inductor-{_KERNELS.hexdigest()[:12]}"))
 
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:

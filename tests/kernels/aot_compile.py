@@ -29,12 +29,13 @@ DATA = "data"  # a pointer to the op's input dtype
 FLOAT_ARGS = {"eps", "label_smoothing", "z_loss"}
 # Specialisation as Triton's launcher does it for contiguous inputs: a stride of 1 becomes a constant, and
 # pointers (and, for attention, row strides: multiples of D) are known to be 16-aligned.
-UNIT_STRIDES = {"stride_xn", "stride_dyn", "stride_lv", "stride_dv", "stride_qd", "stride_kd", "stride_vd", "stride_dod"}
+UNIT_STRIDES = {"stride_xn", "stride_rn", "stride_dyn", "stride_lv", "stride_dv", "stride_qd", "stride_kd", "stride_vd", "stride_od", "stride_dod"}
 ALIGNED_INTS = {"stride_qb", "stride_qh", "stride_qt", "stride_kb", "stride_kh", "stride_ks", "stride_vb", "stride_vh",
-                "stride_vs", "stride_dob", "stride_doh", "stride_dot"}
+                "stride_vs", "stride_ob", "stride_oh", "stride_ot", "stride_dob", "stride_doh", "stride_dot"}
 POINTERS = {
-    "_norm_fwd_kernel": dict(X=DATA, Y=DATA, W=DATA, B=DATA, Mean="*fp32", Rstd="*fp32"),
-    "_norm_bwd_kernel": dict(DY=DATA, X=DATA, W=DATA, Mean="*fp32", Rstd="*fp32", DX=DATA, DW_partial="*fp32", DB_partial="*fp32"),
+    "_norm_fwd_kernel": dict(X=DATA, R=DATA, Y=DATA, H=DATA, W=DATA, B=DATA, Mean="*fp32", Rstd="*fp32"),
+    "_norm_bwd_kernel": dict(DY=DATA, X=DATA, W=DATA, Mean="*fp32", Rstd="*fp32", DH=DATA, DX=DATA, DX2=DATA,
+                             DW_partial="*fp32", DB_partial="*fp32"),
     "_cross_entropy_fwd_kernel": dict(Logits=DATA, Target="*i64", Loss="*fp32", Lse="*fp32"),
     "_cross_entropy_bwd_kernel": dict(DLogits=DATA, Logits=DATA, Target="*i64", Lse="*fp32", DLoss="*fp32"),
     "_attn_fwd_kernel": dict(Q=DATA, K=DATA, V=DATA, O=DATA, Lse="*fp32"),
@@ -46,14 +47,25 @@ TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
 def norm_specs():
-    """Every width class the launcher distinguishes, for LayerNorm, RMSNorm and no-affine, in each dtype."""
+    """Every width class the launcher distinguishes, for LayerNorm, RMSNorm and no-affine, in each dtype; and the
+    fused residual add as GPT-2 runs it under autocast (a 16-bit branch and output, an fp32 stream and sum), at the
+    width classes of GPT-2's sizes and a streaming one."""
     widths = [2**k for k in range(15)] + [ln.MAX_FUSED_N["forward"] + 1]
-    flags = [dict(IS_RMS=False, HAS_WEIGHT=True, HAS_BIAS=True), dict(IS_RMS=True, HAS_WEIGHT=True, HAS_BIAS=False),
-             dict(IS_RMS=False, HAS_WEIGHT=False, HAS_BIAS=False)]
-    for kernel, backward in [(ln._norm_fwd_kernel, False), (ln._norm_bwd_kernel, True)]:
-        configs = {tuple(sorted(ln.launch_config(n, backward).items())) for n in widths}
+    affine = [dict(IS_RMS=False, HAS_WEIGHT=True), dict(IS_RMS=True, HAS_WEIGHT=True), dict(IS_RMS=False, HAS_WEIGHT=False)]
+    forward = [{**a, "HAS_BIAS": a["HAS_WEIGHT"] and not a["IS_RMS"], "HAS_RESIDUAL": False} for a in affine]
+    backward = [{**a, "COMPUTE_DW": a["HAS_WEIGHT"], "COMPUTE_DB": a["HAS_WEIGHT"] and not a["IS_RMS"],
+                 "HAS_DH": False, "STORE_DX2": False} for a in affine]
+    mixed_fwd = dict(IS_RMS=False, HAS_WEIGHT=True, HAS_BIAS=True, HAS_RESIDUAL=True, _pointers=dict(R="*fp32", H="*fp32"))
+    mixed_bwd = dict(IS_RMS=False, HAS_WEIGHT=True, COMPUTE_DW=True, COMPUTE_DB=True, HAS_DH=True, STORE_DX2=True,
+                     _pointers=dict(DY="*{dtype}", X="*fp32", DH="*fp32", DX="*fp32", DX2="*{dtype}"))
+    for kernel, backward_pass, flags, mixed in [(ln._norm_fwd_kernel, False, forward, mixed_fwd),
+                                                (ln._norm_bwd_kernel, True, backward, mixed_bwd)]:
+        configs = {tuple(sorted(ln.launch_config(n, backward_pass).items())) for n in widths}
         for cfg, flag, dtype in itertools.product(sorted(configs), flags, DTYPES):
             yield kernel, dtype, {**dict(cfg), **flag}
+        gpt2 = {tuple(sorted(ln.launch_config(n, backward_pass).items())) for n in (768, 1024, 1600, 4096, 16385)}
+        for cfg, dtype in itertools.product(sorted(gpt2), ["fp16", "bf16"]):
+            yield kernel, dtype, {**dict(cfg), **mixed, "_pointers": dict(mixed["_pointers"])}
 
 
 def cross_entropy_specs():
@@ -102,8 +114,9 @@ def compile_one(job):
     module, name, dtype, cfg, arch = job
     kernel = getattr(importlib.import_module(module), name)
     options = {k: cfg.pop(k) for k in ("num_warps", "num_stages") if k in cfg}
-    record = dict(kernel=kernel.__name__, dtype=dtype, arch=arch, **cfg, **options)
-    pointers = POINTERS[kernel.__name__]
+    overrides = {k: v.format(dtype=dtype) for k, v in cfg.pop("_pointers", {}).items()}  # pointers of another dtype
+    record = dict(kernel=kernel.__name__, dtype=dtype, arch=arch, **cfg, **options, **({"pointers": overrides} if overrides else {}))
+    pointers = {**POINTERS[kernel.__name__], **overrides}
     signature, attrs = {}, {}
     for index, name in enumerate(kernel.arg_names):
         if name in UNIT_STRIDES:

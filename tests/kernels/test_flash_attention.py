@@ -148,3 +148,31 @@ def test_pytorch_fallback_off_triton(monkeypatch):
 def test_real_sizes_on_gpu(T, D, dtype, causal):
     B = max(1, 16384 // T)
     test_matches_sdpa(B, 2048 // D, 2048 // D, T, T, D, dtype, causal)
+
+
+def test_output_is_laid_out_for_the_models_reshape():
+    """The output (B, H, T, D) sits in memory as (B, T, H, D): y.transpose(1, 2).reshape(B, T, H * D) is a view."""
+    q, k, v, _ = make_qkv(2, 3, 3, 17, 17, 16, torch.float32)
+    y = attention(q, k, v)
+    assert y.transpose(1, 2).is_contiguous()
+    flat = y.transpose(1, 2).reshape(2, 17, 48)
+    assert flat.data_ptr() == y.data_ptr() and flat._base is not None, "the reshape must not copy"
+    torch.testing.assert_close(y, attention_ref(q, k, v), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_backward_reads_out_and_grad_out_by_their_strides(causal):
+    """The same out and dO values in other layouts (out contiguous (B, H, T, D), dO transposed) give the same
+    gradients; an lse that is not the forward's layout is refused in one line."""
+    q, k, v, dout = make_qkv(1, 2, 1, 37, 41, 32, torch.float32)
+    q, k, v = q.detach(), k.detach(), v.detach()
+    scale = 0.3
+    out, lse = _attention_fwd(q, k, v, causal, scale)
+    expected = _attention_bwd(dout, q, k, v, out, lse, causal, scale)
+    dout_t = dout.transpose(2, 3).contiguous().transpose(2, 3)  # strides (.., 1, T)
+    for o, d in [(out.contiguous(), dout), (out, dout_t), (out.contiguous(), dout_t)]:
+        got = _attention_bwd(d, q, k, v, o, lse, causal, scale)
+        for name, e, g in zip(["dq", "dk", "dv"], expected, got):
+            torch.testing.assert_close(g, e, atol=1e-6, rtol=1e-6, msg=lambda m: f"{name}: {m}")
+    with pytest.raises(ValueError, match="lse a contiguous"):
+        _attention_bwd(dout, q, k, v, out, lse.transpose(1, 2).contiguous().transpose(1, 2), causal, scale)

@@ -116,10 +116,13 @@ def test_torch_compile_fullgraph_matches_eager(kind):
 @pytest.mark.parametrize("is_rms", [False, True])
 def test_opcheck(is_rms):
     x, w, b, dy = make_inputs((5, 33), torch.float32, "rms" if is_rms else "ln")
-    torch.library.opcheck(_norm_fwd, (x, w, None if is_rms else b, 1e-5, is_rms))
+    r = torch.randn_like(x)
+    for residual, out_dtype in [(None, None), (r, torch.float16)]:
+        torch.library.opcheck(_norm_fwd, (x, w, None if is_rms else b, residual, 1e-5, is_rms, out_dtype))
     with torch.no_grad():
-        _, mean, rstd = _norm_fwd(x, w, b, 1e-5, is_rms)
-    torch.library.opcheck(_norm_bwd, (dy, x.detach(), w.detach(), mean, rstd, not is_rms, is_rms))
+        _, _, mean, rstd = _norm_fwd(x, w, b, None, 1e-5, is_rms, None)
+    for dh, dx2_dtype in [(None, None), (torch.randn_like(dy), torch.bfloat16)]:
+        torch.library.opcheck(_norm_bwd, (dy, dh, x.detach(), w.detach(), mean, rstd, is_rms, not is_rms, True, False, dx2_dtype))
 
 
 def test_modules_are_drop_ins():
@@ -162,7 +165,7 @@ def test_pytorch_fallback_off_triton(monkeypatch):
     torch.testing.assert_close(layer_norm(x, w, b), F.layer_norm(x, (50,), w, b), atol=0, rtol=0)
     torch.testing.assert_close(rms_norm(x, w), F.rms_norm(x, (50,), w, 1e-6), atol=1e-6, rtol=1e-6)
     with pytest.raises(RuntimeError, match="need CUDA tensors"):
-        _norm_fwd(x, w, b, 1e-5, False)
+        _norm_fwd(x, w, b, None, 1e-5, False, None)
 
 
 @requires_cuda("real-size bf16/fp16 checks run on a GPU")
@@ -171,3 +174,71 @@ def test_pytorch_fallback_off_triton(monkeypatch):
 @pytest.mark.parametrize("kind", ["ln", "rms"])
 def test_real_sizes_on_gpu(shape, dtype, kind):
     test_matches_torch(shape, dtype, kind)
+
+
+# -----------------------------------------------------------------------------
+# The fused residual add: y, h = norm(x + residual), x + residual, as a transformer block's prenorm uses it.
+
+RESIDUAL_DTYPES = [(torch.float32, torch.float32, None), (torch.bfloat16, torch.float32, torch.bfloat16),
+                   (torch.float16, torch.float16, None), (torch.float16, torch.float32, torch.float16)]
+
+
+@pytest.mark.parametrize("kind", ["ln", "rms"])
+@pytest.mark.parametrize("x_dtype,r_dtype,out_dtype", RESIDUAL_DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1), (3, 7, 129), (300, 5), (2, MAX_FUSED_N["backward"] + 5), (2, MAX_FUSED_N["forward"] + 3)])
+def test_residual_add_matches_torch(shape, x_dtype, r_dtype, out_dtype, kind):
+    """y (in out_dtype) and h = residual + x (in the promoted dtype), and the gradients of x, residual, weight and
+    bias through both outputs, against the same computation in PyTorch and in float64."""
+    x, w, b, _ = make_inputs(shape, x_dtype, kind)
+    g = torch.Generator().manual_seed(1)
+    r = (torch.randn(shape, generator=g) * 3).to(DEVICE, r_dtype).requires_grad_()
+    w = w.detach().float().requires_grad_()
+    b = None if b is None else b.detach().float().requires_grad_()
+    h_dtype = torch.promote_types(x_dtype, r_dtype)
+    dy = torch.randn(shape, generator=g).to(DEVICE, out_dtype or h_dtype)
+    dh = torch.randn(shape, generator=g).to(DEVICE, h_dtype)
+
+    def fused(x, r, w, b):
+        return (rms_norm(x, w, residual=r, out_dtype=out_dtype) if kind == "rms"
+                else layer_norm(x, w, b, residual=r, out_dtype=out_dtype))
+
+    def torch_path(x, r, w, b):
+        h = r + x
+        y = torch_rms(h, w.to(h.dtype)) if kind == "rms" else torch_ln(h, w.to(h.dtype), None if b is None else b.to(h.dtype))
+        return y.to(out_dtype or h.dtype), h
+
+    def run(fn, x, r, w, b, dy, dh):
+        y, h = fn(x, r, w, b)
+        inputs = [t for t in (x, r, w, b) if t is not None]
+        return [y, h, *torch.autograd.grad((y, h), inputs, (dy.to(y.dtype), dh.to(h.dtype)))]
+
+    ours = run(fused, x, r, w, b, dy, dh)
+    eager = run(torch_path, x, r, w, b, dy, dh)
+    up = lambda t: None if t is None else t.detach().double().requires_grad_()
+    ref = run(torch_path, up(x), up(r), up(w), up(b), dy.double(), dh.double())
+    assert ours[0].dtype == (out_dtype or h_dtype) and ours[1].dtype == h_dtype
+    assert ours[2].dtype == x_dtype and ours[3].dtype == r_dtype
+    for name, o, rr, e in zip(["y", "h", "dx", "dresidual", "dweight", "dbias"], ours, ref, eager):
+        assert_close_to_ref(o, rr, e, name)
+
+
+def test_frozen_norm_parameters_get_no_gradient_work(monkeypatch):
+    """A weight and bias that do not require grad (a frozen block) make no partial sums and no reduction."""
+    import kernels.norms as norms
+
+    made = []
+    real = norms._norm_bwd
+
+    def spy(*args):
+        out = real(*args)
+        made.append(tuple(t.numel() for t in out[2:]))
+        return out
+
+    monkeypatch.setattr(norms, "_norm_bwd", spy)
+    x, w, b, dy = make_inputs((9, 40), torch.float32, "ln")
+    for trainable in (True, False):
+        w.grad = b.grad = None
+        w.requires_grad_(trainable), b.requires_grad_(trainable)
+        (layer_norm(x, w, b) * dy).sum().backward()
+        assert (w.grad is not None) == trainable
+    assert made == [(40, 40), (0, 0)]
