@@ -2,12 +2,31 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 # Fields of a Hugging Face GPT-2 config.json that must hold for the weights to mean what this model computes.
 _HF_REQUIRED = {"activation_function": ("gelu_new", "gelu_pytorch_tanh"), "scale_attn_weights": (True,),
                 "scale_attn_by_inverse_layer_idx": (False,), "reorder_and_upcast_attn": (False,),
                 "add_cross_attention": (False,)}
+
+
+# Types of the config.json fields that are read (an absent field takes GPT-2's value).
+_HF_TYPES = {"n_positions": int, "vocab_size": int, "n_layer": int, "n_head": int, "n_embd": int,
+             "layer_norm_epsilon": (int, float)}
+_HF_NAMES = {"block_size": "n_positions", "layer_norm_eps": "layer_norm_epsilon"}
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _hf_names(message: str) -> str:
+    """GPTConfig's complaint in config.json's words (n_positions for block_size, ...)."""
+    message = message.removeprefix("GPTConfig: ")
+    for ours, theirs in _HF_NAMES.items():
+        message = message.replace(ours, theirs)
+    return message
 
 
 @dataclass
@@ -31,12 +50,15 @@ class GPTConfig:
 
     def __post_init__(self):
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"GPTConfig: {name} must be a positive integer, got {getattr(self, name)!r}")
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"GPTConfig: {name} must be a positive integer, got {value!r}")
         if self.n_embd % self.n_head:
             raise ValueError(f"GPTConfig: n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"GPTConfig: dropout must be in [0, 1), got {self.dropout}")
+        if not _is_number(self.layer_norm_eps) or not 0.0 < self.layer_norm_eps < 1.0:
+            raise ValueError(f"GPTConfig: layer_norm_eps must be a number in (0, 1), got {self.layer_norm_eps!r}")
+        if not _is_number(self.dropout) or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"GPTConfig: dropout must be in [0, 1), got {self.dropout!r}")
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "GPTConfig":
@@ -63,12 +85,20 @@ class GPTConfig:
 
     @classmethod
     def from_hf(cls, hf: dict, source: str = "config.json") -> "GPTConfig":
-        """Read a Hugging Face GPT-2 config.json; anything this model cannot compute is an error naming `source`."""
+        """Read a Hugging Face GPT-2 config.json; anything this model cannot compute, a value of the wrong type or
+        out of range, is an error naming `source` and the key."""
+        if not isinstance(hf, dict):
+            raise ValueError(f"{source}: not a config (a JSON {type(hf).__name__}, not an object)")
         if hf.get("model_type") != "gpt2":
             raise ValueError(f"{source}: model_type is {hf.get('model_type')!r}, not 'gpt2': not a GPT-2 checkpoint")
         for key, allowed in _HF_REQUIRED.items():
             if key in hf and hf[key] not in allowed:
                 raise ValueError(f"{source}: {key}={hf[key]!r} is not supported (expected {allowed[0]!r})")
+        for key, kind in _HF_TYPES.items():
+            value = hf.get(key)
+            if key in hf and (isinstance(value, bool) or not isinstance(value, kind)):
+                expected = "an integer" if kind is int else "a number"
+                raise ValueError(f"{source}: {key} must be {expected}, got {value!r}")
         n_embd = hf.get("n_embd", 768)
         if hf.get("n_inner") not in (None, 4 * n_embd):
             raise ValueError(f"{source}: n_inner={hf['n_inner']} is not supported (GPT-2's MLP is 4 x n_embd = {4 * n_embd})")
@@ -80,7 +110,7 @@ class GPTConfig:
         try:
             return cls(**fields)
         except ValueError as e:
-            raise ValueError(f"{source}: {e}") from None
+            raise ValueError(f"{source}: {_hf_names(str(e))}") from None
 
     def replace(self, **changes) -> "GPTConfig":
         return dataclasses.replace(self, **changes)

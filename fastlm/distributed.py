@@ -26,6 +26,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
 T = TypeVar("T")
+_flags_group = None  # a gloo group for the per-step flags (set by init): a CPU all-reduce never waits on the GPU
 
 
 @dataclass(frozen=True)
@@ -84,11 +85,14 @@ def init(world: World, device: torch.device) -> None:
     """Join the process group (NCCL on CUDA, gloo otherwise); nothing for a world of one."""
     if not world.distributed or dist.is_initialized():
         return
+    global _flags_group
     if device.type == "cuda":
         torch.cuda.set_device(device)
         dist.init_process_group("nccl", device_id=device)
+        _flags_group = dist.new_group(backend="gloo")
     else:
         dist.init_process_group("gloo")
+        _flags_group = dist.group.WORLD
 
 
 @dataclass
@@ -136,8 +140,10 @@ def parallelize(model: nn.Module, world: World, device: torch.device, shard: boo
 
 
 def close(world: World) -> None:
+    global _flags_group
     if world.distributed and dist.is_initialized():
         dist.destroy_process_group()
+        _flags_group = None
 
 
 def agree(world: World, step: Callable[[], T]) -> T:
@@ -182,6 +188,23 @@ def all_reduce_sum(world: World, tensor: torch.Tensor) -> torch.Tensor:
     if world.distributed:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+def max_over_ranks(world: World, *values: int) -> tuple[int, ...]:
+    """Each value's maximum over the ranks: what every rank decides together after a step (stop on a signal one
+    of them got, save on a timer). A small all-reduce on the CPU (gloo), so no GPU sync; a world of one returns
+    the values unchanged."""
+    if not world.distributed:
+        return values
+    tensor = torch.tensor(values, dtype=torch.int64)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=_flags_group)
+    return tuple(tensor.tolist())
+
+
+def barrier(world: World) -> None:
+    """Wait for every rank (on the CPU group): so that no rank exits while rank 0 still writes."""
+    if world.distributed:
+        dist.barrier(group=_flags_group)
 
 
 def _one_line(error: BaseException) -> str:

@@ -7,6 +7,14 @@ decay on matrices and embeddings only) on a warmup + cosine schedule. The loop s
 (transformers loads them), metrics.jsonl, loss.png when matplotlib is installed, and checkpoint.pt for
 --resume (fastlm.checkpoint); every file is written to a temporary name and renamed.
 
+A run never loses more than --save-every steps or --save-minutes of work, and never leaves --out unusable:
+SIGINT or SIGTERM makes the loop finish its step, save a checkpoint and exit with 128 + the signal's number
+(130, 143), a second one stops at once with the previous checkpoint intact; a nan or infinite loss stops the run
+at the log point that reads it, before anything non-finite is saved (exit 2); the final model is published
+after the final checkpoint, model.safetensors last, so a run killed at any moment either is complete or
+resumes to completion (--resume of a run killed in its final save finishes that save). One run per --out (a
+lock, fastlm.checkpoint).
+
 What trains (fastlm.trainable): everything, or only the last --train-layers blocks and/or the parameters named by
 --trainable, or low-rank adapters (--lora-rank) on a frozen base. A LoRA run also writes its adapters in Hugging
 Face PEFT's layout (adapter/); model.safetensors is always the whole (merged) model.
@@ -19,9 +27,13 @@ the logged loss is the global mean, and only rank 0 prints and writes files.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import resource
+import shlex
+import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,17 +42,19 @@ import torch
 from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
 from fastlm import checkpoint as ckpt
-from fastlm import distributed, lora
+from fastlm import distributed, lora, weights
 from fastlm.cli import fail, parse_args
 from fastlm.config import GPTConfig
 from fastlm.data import Splits, eval_windows, random_windows, read_documents, split, tokenize
 from fastlm.distributed import Parallel, RankFailed, World
 from fastlm.model import BACKENDS, GPT
 from fastlm.progress import Progress, plot_losses, read_metrics, write_metrics
-from fastlm.runtime import AUTOCAST_CHOICES, autocast_dtype, check_backend, resolve_device, sequence_length
+from fastlm.runtime import (AUTOCAST_CHOICES, Aborted, StopSignals, autocast_dtype, check_backend, resolve_device,
+                            sequence_length)
 from fastlm.tokenizer import Tokenizer, get_tokenizer
 from fastlm.trainable import choose_trainable
 
+PROG = "python -m fastlm.finetune"
 SCRATCH_MODEL = GPTConfig(n_layer=4, n_head=4, n_embd=128, block_size=64)  # no --weights: small and quick on a CPU
 
 
@@ -63,6 +77,7 @@ class FinetuneConfig:
     eval_every: int = field(default=50, metadata={"help": "validation loss every N steps (and at the end)"})
     eval_batches: int = field(default=4, metadata={"help": "micro-batches of validation windows per evaluation"})
     save_every: int = field(default=100, metadata={"help": "checkpoint for --resume every N steps (and at the end)"})
+    save_minutes: float = field(default=10.0, metadata={"help": "also checkpoint when this many minutes have passed since the last checkpoint (0: off)"})
     log_every: int = field(default=10, metadata={"help": "read losses back from the device every N steps"})
     seed: int = field(default=1337, metadata={"help": "random seed (model init, data order, sampling)"})
     device: str = field(default="auto", metadata={"help": "cuda, cpu, ... (auto: cuda when available)"})
@@ -97,7 +112,7 @@ def validate(cfg: FinetuneConfig) -> None:
     if cfg.min_lr is not None and not 0 <= cfg.min_lr <= cfg.lr:
         raise ValueError(f"--min-lr must be in [0, lr={cfg.lr}], got {cfg.min_lr}")
     for name, value in dict(warmup_steps=cfg.warmup_steps, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip,
-                            sample_tokens=cfg.sample_tokens).items():
+                            sample_tokens=cfg.sample_tokens, save_minutes=cfg.save_minutes).items():
         if value < 0:
             raise ValueError(f"--{name.replace('_', '-')} must not be negative, got {value}")
     if not 0 < cfg.val_fraction < 1:
@@ -124,16 +139,6 @@ def learning_rate(step: int, cfg: FinetuneConfig) -> float:
     return min_lr + 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))) * (cfg.lr - min_lr)
 
 
-def learning_rate(step: int, cfg: FinetuneConfig) -> float:
-    """Linear warmup (scaled down for short runs), then cosine decay to min_lr at max_steps."""
-    warmup = min(cfg.warmup_steps, cfg.max_steps // 10)
-    min_lr = cfg.lr / 10 if cfg.min_lr is None else cfg.min_lr
-    if step < warmup:
-        return cfg.lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, cfg.max_steps - warmup)
-    return min_lr + 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))) * (cfg.lr - min_lr)
-
-
 def make_optimizer(model: GPT, cfg: FinetuneConfig, device: torch.device) -> torch.optim.AdamW:
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
@@ -143,6 +148,14 @@ def make_optimizer(model: GPT, cfg: FinetuneConfig, device: torch.device) -> tor
 
 def windows_per_step(cfg: FinetuneConfig, world: World) -> int:
     return cfg.batch_size * cfg.grad_accum * world.size
+
+
+class Stopped(Exception):
+    """The run stopped on SIGINT/SIGTERM after its step and a checkpoint; main exits with 128 + the signal number."""
+
+    def __init__(self, signum: int, step: int, checkpoint: Path):
+        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}")
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
 
 
 # -----------------------------------------------------------------------------
@@ -169,15 +182,25 @@ def run(cfg: FinetuneConfig) -> dict:
     device = distributed.place(world, resolve_device(cfg.device))
     check_backend(cfg.backend, device)
     distributed.init(world, device)
+    run_dir = None  # rank 0's lock on --out
     try:
+        run_dir = distributed.agree(world, lambda: ckpt.open_out(cfg.out, cfg.resume, cfg.overwrite) if world.is_main else None)
         setup = distributed.agree(world, lambda: prepare(cfg, world))
         distributed.same_everywhere(world, setup.splits.key, f"--data ({setup.source})")
-    except Exception:
+    except BaseException:
+        if run_dir is not None:
+            run_dir.abandon()  # --out as it was found
         distributed.close(world)  # every rank stops here together: a clean teardown
         raise
-    if world.is_main and cfg.overwrite and not cfg.resume:
-        ckpt.clear_earlier_run(setup.out)
-    summary = train(cfg, world, device, setup)
+    try:
+        if run_dir is not None:
+            removed = run_dir.begin(overwrite=cfg.overwrite and not cfg.resume)
+            if removed:
+                print(f"removed {len(removed)} temporary file(s) an interrupted run left in {run_dir.path}")
+        summary = train(cfg, world, device, setup)
+    finally:
+        if run_dir is not None:
+            run_dir.release()
     # Not in a `finally`: after a failure in training other ranks may be waiting in a collective, and tearing the
     # group down under them hangs (NCCL); the failing process exits instead and torchrun stops the others.
     distributed.close(world)
@@ -185,13 +208,19 @@ def run(cfg: FinetuneConfig) -> dict:
 
 
 def prepare(cfg: FinetuneConfig, world: World) -> Setup:
-    """The output directory, the model (what trains frozen or not, resumed or not) and the data; on every rank."""
-    out = ckpt.prepare_out(cfg.out, cfg.resume, cfg.overwrite) if world.is_main else Path(cfg.out)
+    """The model (what trains frozen or not, resumed or not) and the data; on every rank."""
+    out = Path(cfg.out)
     torch.manual_seed(cfg.seed)
     tokenizer = get_tokenizer()
-    checkpoint = ckpt.load_checkpoint(out / "checkpoint.pt", world) if cfg.resume else None
+    checkpoint = None
+    if cfg.resume and ckpt.killed_before_first_save(out):
+        world.print(f"--resume: {out} holds no checkpoint.pt, only what its run wrote before it was killed, before "
+                    f"its first checkpoint: starting that run again from step 0")
+    elif cfg.resume:
+        checkpoint = ckpt.load_checkpoint(out / "checkpoint.pt", world)
     if checkpoint is not None:
-        ckpt.check_resumable(checkpoint, cfg, windows_per_step(cfg, world), world.size)
+        ckpt.check_resumable(checkpoint, cfg, windows_per_step(cfg, world), world.size,
+                             complete=ckpt.final_save_done(out, checkpoint["step"]))
         model = GPT(GPTConfig(**checkpoint["model_config"]), backend=cfg.backend)
         base_weights = checkpoint["base_weights"]
     elif cfg.weights is not None:
@@ -210,7 +239,8 @@ def prepare(cfg: FinetuneConfig, world: World) -> Setup:
             model.load_state_dict(checkpoint["model"])
         except Exception as e:
             raise ValueError(f"{out / 'checkpoint.pt'}: its state does not fit this model ({str(e).splitlines()[0]})") from None
-        world.print(f"resuming from {out / 'checkpoint.pt'} at step {checkpoint['step']}")
+        world.print(f"resuming from {out / 'checkpoint.pt'} at step {checkpoint['step']}" +
+                    (": the run was stopped in its final save, which is done now" if checkpoint["step"] == cfg.max_steps else ""))
     seq_len = sequence_length(model, tokenizer, cfg.seq_len)
 
     source = cfg.data or "pydoc_data.topics (Python's documentation)"
@@ -270,11 +300,11 @@ def train(cfg: FinetuneConfig, world: World, device: torch.device, setup: Setup)
                     else "DDP: the model replicated on every process")
     optimizer = make_optimizer(model, cfg, device)
     data_rng = torch.Generator().manual_seed(cfg.seed)
-    step, metrics = 0, setup.metrics
+    step, metrics, saved_step = 0, setup.metrics, None
     if setup.checkpoint is not None:
         ckpt.load_optimizer_state(model, optimizer, setup.checkpoint["optimizer"])
         ckpt.restore_rng_states(setup.checkpoint["rng"], data_rng, device)
-        step = setup.checkpoint["step"]
+        step = saved_step = setup.checkpoint["step"]
         setup.checkpoint = None  # the weights and optimizer state are in place: free the host copy
 
     B, A, W = cfg.batch_size, cfg.grad_accum, world.size
@@ -284,69 +314,122 @@ def train(cfg: FinetuneConfig, world: World, device: torch.device, setup: Setup)
     plotting = True  # until loss.png cannot be drawn
     progress = Progress(cfg.max_steps) if world.is_main else None
     pending, first_step = [], step
-    start_time = last_time = time.perf_counter()
+    start_time = last_time = last_save_time = time.perf_counter()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
-    model.train()
-    while step < cfg.max_steps:
-        lr = learning_rate(step, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        # Every rank draws the whole step's windows (the same generator everywhere) and keeps its share:
-        # micro-batch a of rank r is windows [(a * W + r) * B, (a * W + r + 1) * B).
-        x, y = random_windows(splits.train, B * A * W, seq_len, data_rng)
-        count = (y != -100).sum().clamp(min=1)
-        x, y = x.view(A, W, B, seq_len)[:, world.rank], y.view(A, W, B, seq_len)[:, world.rank]
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        step_loss = train_step(parallel, world, x, y, count.to(device, non_blocking=True), autocast)
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        pending.append((step, step_loss, lr))
-
-        evaluating = step % cfg.eval_every == 0 or step == cfg.max_steps
-        saving = step % cfg.save_every == 0 or step == cfg.max_steps
-        if step % cfg.log_every == 0 or evaluating or saving:
-            # the only host sync (and loss all-reduce) of the interval
-            losses = distributed.all_reduce_sum(world, torch.stack([loss for _, loss, _ in pending])).tolist()
-            now = time.perf_counter()
-            tokens_per_s = tokens_per_step * len(pending) / (now - last_time)
-            for (s, _, step_lr), value in zip(pending, losses):
-                metrics.append(dict(step=s, loss=value, lr=step_lr, tokens_per_s=round(tokens_per_s, 1)))
-            pending, last_time = [], now
-            if evaluating:
-                metrics[-1]["val_loss"] = validation_loss(parallel, world, val_x, val_y, B, autocast)
-                last_time = time.perf_counter()  # evaluation time is not training throughput
-            if world.is_main:
-                seconds_left = (now - start_time) / (step - first_step) * (cfg.max_steps - step)
-                progress.update(step, metrics[-1]["loss"], lr, tokens_per_s, seconds_left, metrics[-1].get("val_loss"))
-                write_metrics(out / "metrics.jsonl", metrics)
-                if evaluating and plotting:
-                    plotting = plot_losses(metrics, out / "loss.png", progress)
-        if saving and (world.is_main or parallel.sharded):
+    def save(step: int) -> None:
+        if not (world.is_main or parallel.sharded):
+            return
+        try:
             ckpt.save_checkpoint(out / "checkpoint.pt", model, optimizer, world, dict(
                 step=step, rng=ckpt.rng_states(data_rng, device), model_config=dataclasses.asdict(model.config),
                 data_key=splits.key, finetune_config=dataclasses.asdict(cfg), windows_per_step=windows_per_step(cfg, world),
                 base_weights=setup.base_weights))
-    if parallel.sharded:  # rank 0 goes on with a whole copy: saving, merging adapters and sampling need every weight
-        model = _whole_model_on_main(model, cfg, world, device)
+        except ckpt.NotFinite as e:  # the update of this step, after a finite loss, overflowed
+            raise ckpt.NotFinite(_diverged(step, f"after its update, {e}", metrics, saved_step, out, cfg)) from None
+
+    model.train()
+    with StopSignals(world.distributed, saved_step) as signals, progress or contextlib.nullcontext():
+        while step < cfg.max_steps:
+            lr = learning_rate(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            # Every rank draws the whole step's windows (the same generator everywhere) and keeps its share:
+            # micro-batch a of rank r is windows [(a * W + r) * B, (a * W + r + 1) * B).
+            x, y = random_windows(splits.train, B * A * W, seq_len, data_rng)
+            count = (y != -100).sum().clamp(min=1)
+            x, y = x.view(A, W, B, seq_len)[:, world.rank], y.view(A, W, B, seq_len)[:, world.rank]
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            step_loss = train_step(parallel, world, x, y, count.to(device, non_blocking=True), autocast)
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], cfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            pending.append((step, step_loss, lr))
+
+            # decided together (host-side values, all-reduced on the CPU under torchrun; nothing waits on the GPU)
+            stop_signal, overdue = distributed.max_over_ranks(
+                world, signals.received or 0,
+                cfg.save_minutes > 0 and time.perf_counter() - last_save_time >= cfg.save_minutes * 60)
+            stopping = stop_signal > 0
+            evaluating = step % cfg.eval_every == 0 or step == cfg.max_steps
+            saving = step % cfg.save_every == 0 or step == cfg.max_steps or overdue or stopping
+            if step % cfg.log_every == 0 or evaluating or saving:
+                # the only host sync (and loss all-reduce) of the interval
+                losses = distributed.all_reduce_sum(world, torch.stack([loss for _, loss, _ in pending])).tolist()
+                now = time.perf_counter()
+                tokens_per_s = tokens_per_step * len(pending) / (now - last_time)
+                for (s, _, step_lr), value in zip(pending, losses):
+                    metrics.append(dict(step=s, loss=value, lr=step_lr, tokens_per_s=round(tokens_per_s, 1)))
+                pending, last_time = [], now
+                _stop_if_diverged(metrics, "loss", len(losses), world, out, saved_step, cfg)
+                if evaluating:
+                    metrics[-1]["val_loss"] = validation_loss(parallel, world, val_x, val_y, B, autocast)
+                    last_time = time.perf_counter()  # evaluation time is not training throughput
+                    _stop_if_diverged(metrics, "val_loss", 1, world, out, saved_step, cfg)
+                if world.is_main:
+                    seconds_left = (now - start_time) / (step - first_step) * (cfg.max_steps - step)
+                    progress.update(step, metrics[-1]["loss"], lr, tokens_per_s, seconds_left, metrics[-1].get("val_loss"))
+                    write_metrics(out / "metrics.jsonl", metrics)
+                    if evaluating and plotting:
+                        plotting = plot_losses(metrics, out / "loss.png", progress)
+            if saving:
+                save(step)
+                saved_step = signals.saved_step = step
+                last_save_time = time.perf_counter()
+            if stopping:
+                raise Stopped(stop_signal, step, out / "checkpoint.pt")
+        if parallel.sharded:  # rank 0 goes on with a whole copy: saving, merging adapters and sampling need every weight
+            model = _whole_model_on_main(model, cfg, world, device)
+        if world.is_main:
+            progress.close()  # the bar's line ends before the summary
+            publish(model, cfg, setup, step)
     if not world.is_main:
         return {}
-    progress.close()
-    if cfg.lora_rank:  # in a folder of their own: beside model.safetensors, transformers would apply them a second time
-        base = None if setup.base_weights is None else Path(setup.base_weights).resolve()
-        lora.save_adapters(model, out / "adapter", base_model_name_or_path=None if base is None else str(base if base.is_dir() else base.parent))
-        lora.merge_lora(model)
-    model.save_pretrained(out)
     elapsed = time.perf_counter() - start_time
-    summary = _summary(metrics, device, tokens_per_step * (metrics[-1]["step"] - first_step) / elapsed, trainable)
+    summary = _summary(metrics, device, tokens_per_step * (step - first_step) / elapsed, trainable)
     _print_summary(summary, cfg, out)
     if cfg.sample_tokens > 0:
         _print_sample(model, setup.tokenizer, cfg, device)
     return summary
+
+
+def publish(model: GPT, cfg: FinetuneConfig, setup: Setup, step: int) -> None:
+    """The final model into --out: (LoRA) adapter/, then config.json, then model.safetensors, which records the
+    step and so marks the run complete (fastlm.checkpoint.final_save_done)."""
+    out = setup.out
+    if cfg.lora_rank:  # in a folder of their own: beside model.safetensors, transformers would apply them a second time
+        base = None if setup.base_weights is None else Path(setup.base_weights).resolve()
+        lora.save_adapters(model, out / "adapter", base_model_name_or_path=None if base is None else str(base if base.is_dir() else base.parent))
+        lora.merge_lora(model)
+    weights.save(model, out, metadata={"fastlm_step": str(step)})
+
+
+def _stop_if_diverged(metrics: list[dict], key: str, recent: int, world: World, out: Path, saved_step: int | None,
+                      cfg: FinetuneConfig) -> None:
+    """Raise NotFinite (keeping metrics.jsonl up to that step) if one of the last `recent` records' `key` is nan
+    or infinite. Every rank reads the same all-reduced losses, so every rank stops here together."""
+    first = len(metrics) - recent
+    bad = next((i for i in range(first, len(metrics)) if not math.isfinite(metrics[i][key])), None)
+    if bad is None:
+        return
+    del metrics[bad + 1:]
+    if world.is_main:
+        write_metrics(out / "metrics.jsonl", metrics)
+    what = "validation loss" if key == "val_loss" else "training loss"
+    raise ckpt.NotFinite(_diverged(metrics[bad]["step"], f"the {what} is {metrics[bad][key]}", metrics[:bad], saved_step, out, cfg))
+
+
+def _diverged(step: int, what: str, metrics: list[dict], saved_step: int | None, out: Path, cfg: FinetuneConfig) -> str:
+    """The one line that says where a run diverged, what it last had that was finite, and what --out keeps."""
+    finite = [m for m in metrics if m["loss"] is not None and math.isfinite(m["loss"])]
+    last = (f"the last finite loss was {finite[-1]['loss']:.6g} at step {finite[-1]['step']}" if finite
+            else "no earlier step of this run has a finite loss")
+    kept = f"{out / 'checkpoint.pt'} is still step {saved_step}'s" if saved_step is not None else "no checkpoint was saved"
+    return (f"step {step}: {what} ({last}); stopped without saving anything non-finite ({kept}); "
+            f"try a lower --lr than {cfg.lr:g}")
 
 
 def _whole_model_on_main(model: GPT, cfg: FinetuneConfig, world: World, device: torch.device) -> GPT | None:
@@ -364,17 +447,22 @@ def _whole_model_on_main(model: GPT, cfg: FinetuneConfig, world: World, device: 
 
 # -----------------------------------------------------------------------------
 def _summary(metrics: list[dict], device: torch.device, tokens_per_s: float, trainable: int) -> dict:
-    val_losses = [m["val_loss"] for m in metrics if "val_loss" in m]
+    val_losses = [m["val_loss"] for m in metrics if m.get("val_loss") is not None]
     recent = [m["loss"] for m in metrics[-10:]]
     train_loss = sum(recent) / len(recent)
+    val_loss = val_losses[-1] if val_losses else math.nan
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device) / 2**30
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    return dict(steps=metrics[-1]["step"], train_loss=train_loss, train_ppl=math.exp(train_loss),
-                val_loss=val_losses[-1], val_ppl=math.exp(val_losses[-1]), tokens_per_s=tokens_per_s,
+    return dict(steps=metrics[-1]["step"], train_loss=train_loss, train_ppl=_perplexity(train_loss),
+                val_loss=val_loss, val_ppl=_perplexity(val_loss), tokens_per_s=tokens_per_s,
                 peak_memory_gib=peak, peak_memory_kind="GPU" if device.type == "cuda" else "process",
                 trainable_parameters=trainable)
+
+
+def _perplexity(loss: float) -> float:
+    return math.inf if loss > 709 else math.exp(loss)  # math.exp overflows past 709
 
 
 def _print_summary(summary: dict, cfg: FinetuneConfig, out: Path) -> None:
@@ -395,7 +483,8 @@ def _print_sample(model: GPT, tokenizer: Tokenizer, cfg: FinetuneConfig, device:
 
 
 def main(argv=None) -> None:
-    cfg = parse_args(FinetuneConfig, argv, prog="python -m fastlm.finetune")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    cfg = parse_args(FinetuneConfig, argv, prog=PROG)
     try:
         world = distributed.world_from_env()
     except ValueError as e:
@@ -403,14 +492,36 @@ def main(argv=None) -> None:
     prefix = f"rank {world.rank}: " if world.distributed and not world.is_main else ""
     try:
         run(cfg)
+    except Stopped as e:
+        if world.is_main:
+            print(f"{e}: saved {e.checkpoint}; continue with: {resume_command(argv, world)}", file=sys.stderr)
+        # every rank stopped after the same step; none exits before rank 0 has written and said so (torchrun stops
+        # the other workers as soon as one exits with an error)
+        distributed.barrier(world)
+        distributed.close(world)
+        raise SystemExit(128 + e.signum)
+    except Aborted as e:
+        if world.is_main:
+            kept = f"step {e.saved_step}'s checkpoint is intact" if e.saved_step is not None else "no checkpoint was saved"
+            print(f"stopped at once by a second {e}: {kept} (continue with: {resume_command(argv, world)})", file=sys.stderr)
+        raise SystemExit(128 + e.signum)
     except (ValueError, OSError) as e:  # WeightsError and DataError are ValueErrors too: bad input, said in one line
         if isinstance(e, RankFailed) and not world.is_main:
             raise SystemExit(2)  # rank 0 says it
         fail(prefix + (str(e).splitlines()[0] if str(e) else type(e).__name__))
-    except KeyboardInterrupt:
-        if not world.is_main:
-            raise SystemExit(2)  # Ctrl-C reaches every rank; rank 0 says it
-        fail("interrupted; the last checkpoint in --out is intact (continue with --resume)")
+    except KeyboardInterrupt:  # outside the training loop, which handles SIGINT itself: set-up, summary or sample
+        if world.is_main:
+            print(f"interrupted: {cfg.out} keeps what it held (a run interrupted in its set-up leaves it as it was)",
+                  file=sys.stderr)
+        raise SystemExit(130)
+
+
+def resume_command(argv: list[str], world: World) -> str:
+    """The command line that continues this run."""
+    if world.distributed:
+        return "the same torchrun command with --resume"
+    args = [a for a in argv if a != "--overwrite"] + ([] if "--resume" in argv else ["--resume"])
+    return shlex.join([*PROG.split(), *args])
 
 
 if __name__ == "__main__":

@@ -1,11 +1,13 @@
 """What a fine-tuning run shows and records as it goes: the progress line, metrics.jsonl, and loss.png (plot.py).
 
 metrics.jsonl holds one JSON object per step ({"step", "loss", "lr", "tokens_per_s"}, and "val_loss" on
-evaluation steps), rewritten whole (atomically) at every logging point, so it is never half a line.
+evaluation steps), rewritten whole (atomically) at every logging point, so it is never half a line. It is strict
+JSON: a loss that is nan or infinite (the step a run diverged, where it stops) is written as null.
 """
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -20,6 +22,7 @@ class Progress:
     def __init__(self, total: int, stream=None):
         self.total, self.stream = total, stream or sys.stderr
         self.tty = self.stream.isatty()
+        self.closed = False
 
     def update(self, step: int, loss: float, lr: float, tokens_per_s: float, seconds_left: float, val_loss=None) -> None:
         val = f" val {val_loss:.4f}" if val_loss is not None else ""
@@ -37,19 +40,39 @@ class Progress:
         self.stream.write(("\n" if self.tty else "") + message + "\n")
         self.stream.flush()
 
+    def __enter__(self) -> "Progress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def close(self) -> None:
-        if self.tty:
+        """End the bar's line (once), so that what is printed next starts a line of its own."""
+        if self.tty and not self.closed:
             self.stream.write("\n")
+            self.stream.flush()
+        self.closed = True
 
 
 def read_metrics(path: Path) -> list[dict]:
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{number}: not JSON ({e.msg})") from None
+    return records
 
 
 def write_metrics(path: Path, metrics: list[dict]) -> None:
-    atomic_write_text(path, "".join(json.dumps(m) + "\n" for m in metrics))
+    atomic_write_text(path, "".join(json.dumps(_finite_or_null(m), allow_nan=False) + "\n" for m in metrics))
+
+
+def _finite_or_null(record: dict) -> dict:
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
 
 
 def plot_losses(metrics: list[dict], path: Path, progress: Progress) -> bool:

@@ -1,5 +1,10 @@
-"""Choices the three commands make the same way: the device, the autocast precision, the backend, the context."""
+"""Choices the three commands make the same way: the device, the autocast precision, the backend, the context;
+and how a training run hears SIGINT and SIGTERM."""
 from __future__ import annotations
+
+import signal
+import threading
+import time
 
 import torch
 
@@ -42,3 +47,50 @@ def sequence_length(model, tokenizer, seq_len: int | None) -> int:
     if seq_len > model.config.block_size:
         raise ValueError(f"--seq-len {seq_len} is longer than the model's context of {model.config.block_size} tokens")
     return seq_len
+
+
+# -----------------------------------------------------------------------------
+class Aborted(BaseException):
+    """A second SIGINT/SIGTERM: stop at once. A BaseException, like KeyboardInterrupt, so that nothing on the way
+    out mistakes it for an error to report; a save it interrupts removes its temporary file (fastlm.files)."""
+
+    def __init__(self, signum: int, saved_step: int | None):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+        self.saved_step = saved_step  # the step of the checkpoint left in place
+
+
+class StopSignals:
+    """While training: the first SIGINT or SIGTERM only asks the loop to stop (`received` is set; the loop finishes
+    its step and saves a checkpoint), a second one raises Aborted wherever the program is.
+
+    Under torchrun (relayed=True) a Ctrl-C reaches each worker twice, from the terminal and from the agent that
+    passes it on, within moments: a repeat within `relay_window` seconds of the first signal counts as the same
+    request. Handlers can only be installed in the main thread; elsewhere this does nothing.
+    """
+
+    def __init__(self, relayed: bool = False, saved_step: int | None = None, relay_window: float = 1.0):
+        self.relayed, self.relay_window = relayed, relay_window
+        self.received: int | None = None
+        self.saved_step = saved_step  # the loop's last checkpoint, for the message of an abort
+        self._at, self._previous = 0.0, {}
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.received is None:
+            self.received, self._at = signum, time.monotonic()
+        elif not (self.relayed and time.monotonic() - self._at < self.relay_window):
+            raise Aborted(signum, self.saved_step)
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.received).name if self.received else ""

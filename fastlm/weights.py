@@ -7,15 +7,28 @@ hub file's `h.0.attn.c_attn.weight` with its `h.N.attn.bias` / `h.N.attn.masked_
 GPT-2's Conv1D weights are stored (in, out) and transposed to nn.Linear's (out, in). The tensors are read
 through safetensors' memory map and the model is built on the meta device, so nothing is initialised twice.
 
-Out: `model.safetensors` (no `lm_head.weight`: it is tied) and `config.json`, each written to a temporary file
-in the target directory and renamed over the old one, so an interrupted save never leaves a half-written file.
-Every problem is a WeightsError naming the file and, where there is one, the key.
+Out: `config.json`, then `model.safetensors` (no `lm_head.weight`: it is tied), each written to a temporary file
+in the target directory and renamed over the old one, so an interrupted save never leaves a half-written file,
+and a model.safetensors is never there without the config.json it was saved with. Its safetensors metadata
+carries, besides {"format": "pt"}, fastlm's own record of the model:
+
+    fastlm_config    the config.json it was saved with (JSON), so the file alone says what model it is
+    fastlm_checksum  "sha256-crc32:<hex>": sha256 over each tensor's name, dtype, shape and CRC-32 of its bytes
+                     (in name order), as state_digest computes it
+
+and fastlm checks both when it loads a file that has them (transformers ignores them): a checksum that does
+not match (a flipped bit, a damaged copy) and a config.json that contradicts the saved config are refused; with
+no config.json beside it, the file's own config is used. Every problem is a WeightsError naming the file and,
+where there is one, the key.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
+import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
@@ -30,6 +43,7 @@ CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight"
 _MASK_BUFFER = re.compile(r"^h\.\d+\.attn\.(bias|masked_bias)$")  # not h.N.attn.c_attn.bias
 _LAYER = re.compile(r"^h\.(\d+)\.")
 GPT2_HEAD_DIM = 64
+CHECKSUM_KIND = "sha256-crc32"
 
 
 class WeightsError(ValueError):
@@ -70,16 +84,26 @@ def _shards(index: Path) -> list[Path]:
     return files
 
 
-def _read(files: list[Path]) -> dict[str, tuple[torch.Tensor, Path]]:
-    tensors = {}
+def _read(files: list[Path]) -> tuple[dict[str, tuple[torch.Tensor, Path]], dict | None]:
+    """Every file's tensors (with the file each came from), checksums verified; and fastlm's saved config, if any."""
+    tensors, saved_config = {}, None
     for f in files:
         try:
             with safe_open(f, framework="pt") as reader:
-                for key in reader.keys():
-                    tensors[key] = (reader.get_tensor(key), f)
+                metadata = reader.metadata() or {}
+                own = {key: reader.get_tensor(key) for key in reader.keys()}
         except Exception as e:  # safetensors raises its own error types for truncated or corrupt files
             raise WeightsError(f"{f}: not a readable safetensors file ({type(e).__name__}: {str(e).splitlines()[0]})") from None
-    return tensors
+        if "fastlm_checksum" in metadata and metadata["fastlm_checksum"] != state_digest(own, sort=True):
+            raise WeightsError(f"{f}: corrupt: its tensors do not match the checksum saved with them (a damaged or "
+                               f"altered file); use another copy")
+        if "fastlm_config" in metadata:
+            try:
+                saved_config = json.loads(metadata["fastlm_config"])
+            except json.JSONDecodeError:
+                raise WeightsError(f"{f}: its fastlm_config metadata is not JSON") from None
+        tensors.update({key: (tensor, f) for key, tensor in own.items()})
+    return tensors, saved_config
 
 
 def _infer_config(tensors: dict[str, torch.Tensor], source: Path) -> GPTConfig:
@@ -97,7 +121,7 @@ def load_state(path: str | os.PathLike, expected_shapes: Callable[[GPTConfig], d
     """Read a GPT-2 checkpoint: its config and a state dict in this model's layout (transformer.* names, Linear
     weights), checked against expected_shapes(config) (the model's state_dict names and shapes, lm_head aside)."""
     files, config_file = _resolve(path)
-    raw = _read(files)
+    raw, saved_config = _read(files)
     label = files[0] if len(files) == 1 else Path(path)
     tensors, origin, lm_head = {}, {}, None
     for key, (tensor, f) in raw.items():
@@ -113,11 +137,16 @@ def load_state(path: str | os.PathLike, expected_shapes: Callable[[GPTConfig], d
         raise WeightsError(f"{label}: not a GPT-2 checkpoint (no wte.weight/wpe.weight; keys look like: {sample})")
     if config_file is not None:
         try:
-            config = GPTConfig.from_hf(json.loads(config_file.read_text()), source=str(config_file))
+            hf = json.loads(config_file.read_text())
+            config = GPTConfig.from_hf(hf, source=str(config_file))
         except (OSError, json.JSONDecodeError) as e:
             raise WeightsError(f"{config_file}: unreadable config.json ({e})") from None
         except ValueError as e:
             raise WeightsError(str(e)) from None
+        if saved_config is not None:
+            _check_agrees(config, _saved(saved_config, label), config_file, label)
+    elif saved_config is not None:
+        config = _saved(saved_config, label)
     else:
         config = _infer_config(tensors, label)
 
@@ -141,6 +170,61 @@ def load_state(path: str | os.PathLike, expected_shapes: Callable[[GPTConfig], d
     return config, state
 
 
+def _saved(hf: dict, label: Path) -> GPTConfig:
+    try:
+        return GPTConfig.from_hf(hf, source=f"{label} (its fastlm_config metadata)")
+    except ValueError as e:
+        raise WeightsError(str(e)) from None
+
+
+def _check_agrees(config: GPTConfig, saved: GPTConfig, config_file: Path, label: Path) -> None:
+    """config.json must describe the model the safetensors file was saved as (the shapes do not show n_head)."""
+    for field in ("n_head", "layer_norm_eps", "n_layer", "n_embd", "block_size", "vocab_size"):
+        ours, theirs = getattr(config, field), getattr(saved, field)
+        if ours != theirs:
+            raise WeightsError(f"{config_file}: says {field} {ours}, but {label.name} was saved as a model with "
+                               f"{field} {theirs}: the two files are not one model")
+
+
+def state_digest(state, sort: bool = False) -> str:
+    """A checksum of a nested structure of dicts, lists and tensors: sha256 over its layout and every value (a
+    tensor by dtype, shape and the CRC-32 of its bytes, anything else by repr), in order (sort: dict keys sorted).
+
+    CRC-32 runs at a few GB/s and releases the GIL, so the tensors are checksummed on several threads: about
+    0.3 s for GPT-2 124M's weights and AdamW state on 2 cores.
+    """
+    layout, tensors = hashlib.sha256(), []
+
+    def walk(value) -> None:
+        if isinstance(value, torch.Tensor):
+            layout.update(f"T{value.dtype}{tuple(value.shape)};".encode())
+            tensors.append(value)
+        elif isinstance(value, dict):
+            layout.update(b"{")
+            for key in sorted(value) if sort else value:
+                layout.update(repr(key).encode() + b":")
+                walk(value[key])
+            layout.update(b"}")
+        elif isinstance(value, (list, tuple)):
+            layout.update(b"[")
+            for item in value:
+                walk(item)
+            layout.update(b"]")
+        else:
+            layout.update(repr(value).encode() + b";")
+
+    walk(state)
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        crcs = list(pool.map(_crc32, tensors))
+    layout.update(b"".join(crc.to_bytes(4, "little") for crc in crcs))
+    return f"{CHECKSUM_KIND}:{layout.hexdigest()}"
+
+
+def _crc32(tensor: torch.Tensor) -> int:
+    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+    return zlib.crc32(memoryview(flat.view(torch.uint8).numpy())) if flat.numel() else 0
+
+
 def load_into(model, state: dict[str, torch.Tensor], device=None, dtype=None) -> None:
     """Assign a loaded state dict to a (meta-device) GPT, cast and placed, and re-tie the head."""
     state = {k: v.to(device=device, dtype=dtype).contiguous() for k, v in state.items()}
@@ -149,8 +233,8 @@ def load_into(model, state: dict[str, torch.Tensor], device=None, dtype=None) ->
     model.lm_head.weight = model.transformer.wte.weight
 
 
-def save(model, directory: str | os.PathLike) -> Path:
-    """Write model.safetensors + config.json in Hugging Face's GPT-2 layout into directory."""
+def save(model, directory: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
+    """Write config.json, then model.safetensors (with `metadata` among its own), in Hugging Face's GPT-2 layout."""
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise WeightsError(f"{directory}: exists and is not a directory")
@@ -165,6 +249,16 @@ def save(model, directory: str | os.PathLike) -> Path:
         tensors[key] = tensor.to("cpu").contiguous()
     config = model.config.to_hf()
     config["dtype"] = str(model.lm_head.weight.dtype).removeprefix("torch.")
-    atomic_write(directory / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    own = {"format": "pt", "fastlm_config": json.dumps(config), "fastlm_checksum": state_digest(tensors, sort=True)}
     atomic_write_text(directory / "config.json", json.dumps(config, indent=2) + "\n")
+    atomic_write(directory / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={**(metadata or {}), **own}))
     return directory
+
+
+def saved_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The safetensors metadata of a file (its header only); {} when it is missing or unreadable."""
+    try:
+        with safe_open(Path(path), framework="pt") as reader:
+            return reader.metadata() or {}
+    except Exception:  # noqa: BLE001 -- absent or damaged: either way, not what the caller is looking for
+        return {}

@@ -1,7 +1,8 @@
 """Shared by the fastlm tests: small random GPT-2s from transformers (the reference), a repetitive corpus, and
-the fine-tuning helpers (a short run's config, an interruption, the metrics it wrote)."""
+the fine-tuning helpers (a short run's config, a signal in the middle of it, the metrics it wrote)."""
 import contextlib
 import json
+import signal
 
 import torch
 import transformers
@@ -36,16 +37,17 @@ def config(checkpoint, corpus, tmp_path, **overrides):
 
 
 @contextlib.contextmanager
-def interrupted_after(steps, monkeypatch):
-    """Within the block, a run is interrupted (KeyboardInterrupt, as Ctrl-C) when it asks for step steps + 1's batch."""
+def signalled_after(steps, monkeypatch, signum=signal.SIGINT):
+    """Within the block, a run gets `signum` (as from Ctrl-C or `kill`) while it draws step steps + 1's batch: the
+    loop finishes that step, saves a checkpoint and raises fastlm.finetune.Stopped."""
     import fastlm.finetune as finetune
 
     calls, real_windows = {"n": 0}, finetune.random_windows
 
     def windows(*args):
         calls["n"] += 1
-        if calls["n"] > steps:
-            raise KeyboardInterrupt
+        if calls["n"] == steps + 1:
+            signal.raise_signal(signum)
         return real_windows(*args)
 
     monkeypatch.setattr(finetune, "random_windows", windows)

@@ -18,12 +18,28 @@ import fastlm.distributed
 import fastlm.finetune as finetune
 from fastlm import GPT
 from fastlm.distributed import World, world_from_env
-from tests.fastlm.helpers import TEXT, config, interrupted_after, read_metrics
+from tests.fastlm.helpers import TEXT, config, read_metrics, signalled_after
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                                 reason="this torch build has no torch.distributed with gloo")
 STEPS = dict(max_steps=8, grad_accum=2, eval_every=4, save_every=4, log_every=2, sample_tokens=0)
+SIGTERM_TO_RANK_1 = """
+import os, signal, sys
+import fastlm.finetune as finetune
+
+real_windows, calls = finetune.random_windows, [0]
+
+def windows(*args):
+    calls[0] += 1
+    if calls[0] == 3:
+        os.kill(os.getpid(), signal.SIGTERM)
+    return real_windows(*args)
+
+if os.environ["RANK"] == "1":
+    finetune.random_windows = windows
+finetune.main(sys.argv[1:])
+"""
 
 
 def torchrun(args: list[str], nproc: int = 2, cwd=REPO, module: str | None = "fastlm.finetune", timeout: int = 300):
@@ -72,14 +88,28 @@ def test_two_ranks_equal_one_process_and_resume_on_another_layout(checkpoint, co
     assert "DDP: the model replicated on every process" in done.stdout
     assert_same_run(tmp_path / "one" / "out", tmp_path / "two" / "out")
 
+    # SIGTERM reaches rank 1 alone, in step 3: both ranks stop after that step with one whole checkpoint, rank 0 says
+    # so, and one process resumes it to the same run.
+    launcher = tmp_path / "sigterm_to_rank_1.py"
+    launcher.write_text(SIGTERM_TO_RANK_1)
+    stopped = config(checkpoint, corpus, tmp_path / "stopped", batch_size=2, **STEPS)
+    done = torchrun([str(launcher)] + cli_args(stopped), module=None)
+    assert done.returncode != 0 and "exitcode  : 143" in done.stderr, done.stderr[-3000:]
+    ours = [line for line in done.stderr.splitlines() if line.startswith("stopped")]
+    assert ours == [f"stopped by SIGTERM after step 3: saved {tmp_path / 'stopped' / 'out' / 'checkpoint.pt'}; continue "
+                    f"with: the same torchrun command with --resume"], done.stderr[-3000:]
+    assert torch.load(tmp_path / "stopped" / "out" / "checkpoint.pt", weights_only=False)["step"] == 3
+    finetune.run(config(checkpoint, corpus, tmp_path / "stopped", batch_size=4, resume=True, **STEPS))
+    assert_same_run(tmp_path / "one" / "out", tmp_path / "stopped" / "out")
+
     sharded = config(checkpoint, corpus, tmp_path / "fsdp", batch_size=2, fsdp=True, **STEPS)  # FSDP2 in place of DDP
     done = torchrun(cli_args(sharded))
     assert done.returncode == 0, done.stderr[-3000:]
     assert "FSDP: weights, gradients and optimizer state sharded" in done.stdout
     assert_same_run(tmp_path / "one" / "out", tmp_path / "fsdp" / "out")
 
-    # One process stops after step 4 (checkpoint at 4); two FSDP processes of batch 2 resume it to step 8.
-    with interrupted_after(4, monkeypatch), pytest.raises(KeyboardInterrupt):
+    # One process gets SIGINT in step 5 (checkpoint at 5); two FSDP processes of batch 2 resume it to step 8.
+    with signalled_after(4, monkeypatch), pytest.raises(finetune.Stopped):
         finetune.run(config(checkpoint, corpus, tmp_path / "resumed", batch_size=4, **STEPS))
     resumed = config(checkpoint, corpus, tmp_path / "resumed", batch_size=2, resume=True, fsdp=True, **STEPS)
     done = torchrun(cli_args(resumed))

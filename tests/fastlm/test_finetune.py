@@ -5,9 +5,9 @@ import torch
 
 from fastlm import GPT
 from fastlm.data import DataError, read_documents, tokenize
-from fastlm.finetune import FinetuneConfig, learning_rate, main, run
+from fastlm.finetune import FinetuneConfig, Stopped, learning_rate, main, run
 from fastlm.tokenizer import get_tokenizer
-from tests.fastlm.helpers import config, interrupted_after, make_hf_model, read_metrics
+from tests.fastlm.helpers import config, make_hf_model, read_metrics, signalled_after
 
 transformers = pytest.importorskip("transformers")
 
@@ -36,7 +36,7 @@ def test_resume_equals_uninterrupted(checkpoint, corpus, tmp_path, monkeypatch):
     run(config(checkpoint, corpus, tmp_path / "a"))
     uninterrupted = read_metrics(tmp_path / "a" / "out")
 
-    with interrupted_after(6, monkeypatch), pytest.raises(KeyboardInterrupt):
+    with signalled_after(6, monkeypatch), pytest.raises(Stopped):
         run(config(checkpoint, corpus, tmp_path / "b"))
     run(config(checkpoint, corpus, tmp_path / "b", resume=True))
     resumed = read_metrics(tmp_path / "b" / "out")
@@ -150,7 +150,7 @@ def test_resume_refuses_changed_data_settings_and_overwrite_replaces(checkpoint,
     with pytest.raises(ValueError, match="--train-layers is 1 but the checkpoint was trained with None"):
         run(config(checkpoint, corpus, tmp_path, max_steps=4, train_layers=1, resume=True))
     run(config(checkpoint, corpus, tmp_path, max_steps=4, batch_size=2, grad_accum=2, resume=True))  # same windows per step
-    with pytest.raises(ValueError, match="--max-steps 4: the checkpoint is already at step 4"):
+    with pytest.raises(ValueError, match="--max-steps 4: the run is complete .* raise --max-steps to train further"):
         run(config(checkpoint, corpus, tmp_path, max_steps=4, batch_size=2, grad_accum=2, resume=True))
     run(config(checkpoint, corpus, tmp_path, max_steps=3, overwrite=True))
     assert [m["step"] for m in read_metrics(tmp_path / "out")] == [1, 2, 3]

@@ -9,7 +9,7 @@ import fastlm.finetune as finetune
 import fastlm.progress
 from fastlm import GPT, GPTConfig
 from fastlm.trainable import choose_trainable
-from tests.fastlm.helpers import config, interrupted_after, read_metrics
+from tests.fastlm.helpers import config, read_metrics, signalled_after
 
 transformers = pytest.importorskip("transformers", reason="transformers is the GPT-2 reference (pip install -e '.[test]')")
 SHORT = dict(max_steps=4, eval_every=2, save_every=2, log_every=2, sample_tokens=0)
@@ -90,7 +90,7 @@ def test_lora_merged_model_and_peft_adapters(checkpoint, corpus, tmp_path):
 def test_lora_resume_equals_uninterrupted(checkpoint, corpus, tmp_path, monkeypatch):
     lora = dict(lora_rank=2, lora_targets="c_attn", lr=1e-2, **SHORT)
     finetune.run(config(checkpoint, corpus, tmp_path / "a", **lora))
-    with interrupted_after(2, monkeypatch), pytest.raises(KeyboardInterrupt):
+    with signalled_after(2, monkeypatch), pytest.raises(finetune.Stopped):
         finetune.run(config(checkpoint, corpus, tmp_path / "b", **lora))
     with pytest.raises(ValueError, match="--lora-rank is 3 but the checkpoint was trained with 2"):
         finetune.run(config(checkpoint, corpus, tmp_path / "b", resume=True, **{**lora, "lora_rank": 3}))

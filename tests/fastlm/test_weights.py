@@ -6,6 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import fastlm.files
+import fastlm.weights
 from fastlm import GPT, WeightsError
 from tests.fastlm.helpers import make_hf_model
 
@@ -156,3 +158,49 @@ def test_other_architectures_and_formats_are_refused(hf_dir, tmp_path):
         GPT.from_pretrained(tmp_path / "missing.safetensors")
     with pytest.raises(WeightsError, match="no model.safetensors"):
         GPT.from_pretrained(tmp_path / "other" / "..")
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda c: [c], r"config.json: not a config \(a JSON list, not an object\)"),
+    (lambda c: {**c, "n_embd": None}, "config.json: n_embd must be an integer, got None"),
+    (lambda c: {**c, "n_layer": 2.0}, "config.json: n_layer must be an integer, got 2.0"),
+    (lambda c: {**c, "layer_norm_epsilon": "1e-5"}, "config.json: layer_norm_epsilon must be a number, got '1e-5'"),
+    (lambda c: {**c, "layer_norm_epsilon": -1}, r"config.json: layer_norm_epsilon must be a number in \(0, 1\), got -1"),
+    (lambda c: {**c, "n_head": 3}, r"config.json: n_embd \(64\) must be a multiple of n_head \(3\)"),
+])
+def test_config_values_of_the_wrong_type_or_out_of_range_are_refused(hf_dir, tmp_path, change, message):
+    shutil.copytree(hf_dir, tmp_path / "model")
+    config = json.loads((tmp_path / "model" / "config.json").read_text())
+    (tmp_path / "model" / "config.json").write_text(json.dumps(change(config)))
+    with pytest.raises(WeightsError, match=message) as info:
+        GPT.from_pretrained(tmp_path / "model")
+    assert "\n" not in str(info.value)
+
+
+def test_our_files_carry_their_config_and_a_checksum(hf_dir, tmp_path):
+    """The model.safetensors fastlm writes knows its own config: without config.json it loads as the model it is
+    (a head count that the tensors' shapes cannot tell: 2 heads of 32, where GPT-2's head dim would infer 1), and a
+    config.json that contradicts it is refused."""
+    model = GPT.from_pretrained(hf_dir)
+    model.save_pretrained(tmp_path)
+    (tmp_path / "config.json").unlink()
+    alone = GPT.from_pretrained(tmp_path / "model.safetensors")
+    assert alone.config == model.config and alone.config.n_head == 2
+    assert torch.equal(logits(alone, IDX), logits(model, IDX))
+    config = json.loads((hf_dir / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "n_head": 4}))
+    with pytest.raises(WeightsError, match=r"config.json: says n_head 4, but model.safetensors was saved as a model with "
+                                           r"n_head 2: the two files are not one model"):
+        GPT.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert transformers.GPT2LMHeadModel.from_pretrained(tmp_path) is not None, "the metadata does not bother transformers"
+
+
+def test_config_json_is_written_before_the_model(hf_dir, tmp_path, monkeypatch):
+    """So that a model.safetensors is never there without its config (an interrupted save leaves config.json only)."""
+    written = []
+    real = fastlm.files.atomic_write
+    monkeypatch.setattr(fastlm.files, "atomic_write", lambda target, write: written.append(target.name) or real(target, write))
+    monkeypatch.setattr(fastlm.weights, "atomic_write", fastlm.files.atomic_write)
+    GPT.from_pretrained(hf_dir).save_pretrained(tmp_path)
+    assert written == ["config.json", "model.safetensors"]
