@@ -2,6 +2,7 @@
 
     LayerNorm:  y = (x - mean) * rstd * w + b,   mean = sum(x) / N,  rstd = 1 / sqrt(sum((x - mean)^2) / N + eps)
     RMSNorm:    y = x * rstd * w,                rstd = 1 / sqrt(sum(x^2) / N + eps)
+    RMSNorm with cast_before_weight (Hugging Face Llama): y = w * round_to_dtype(x)(x * rstd), in the promoted dtype
 
 Backward, with xhat = (x - mean) * rstd (mean = 0 for RMSNorm) and g = dy * w:
     dx = rstd * (g - xhat * sum(g * xhat) / N - sum(g) / N)      (RMSNorm drops the last term)
@@ -52,6 +53,7 @@ def _norm_fwd_kernel(
     SINGLE_PASS: tl.constexpr,    # BLOCK_N >= N: the whole row lives in registers
     IS_RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,   # normalise h = x + r (rounded to H's dtype) and write h
+    CAST_BEFORE_WEIGHT: tl.constexpr,  # Llama: round (h - mean) * rstd to H's dtype before the weight multiplies
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < M
@@ -75,6 +77,8 @@ def _norm_fwd_kernel(
         xc = tl.where(mask, x - mean[:, None], 0.0)
         rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / N + eps)
         y = xc * rstd[:, None]
+        if CAST_BEFORE_WEIGHT:
+            y = y.to(H.dtype.element_ty).to(tl.float32)
         if HAS_WEIGHT:
             y = y * tl.load(W + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
         if HAS_BIAS:
@@ -113,6 +117,8 @@ def _norm_fwd_kernel(
             else:
                 x = tl.load(X_rows + cols[None, :] * stride_xn, mask=mask, other=0.0).to(tl.float32)
             y = (x - mean[:, None]) * rstd[:, None]
+            if CAST_BEFORE_WEIGHT:
+                y = y.to(H.dtype.element_ty).to(tl.float32)
             if HAS_WEIGHT:
                 y = y * tl.load(W + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
             if HAS_BIAS:
@@ -134,6 +140,7 @@ def _norm_bwd_kernel(
     IS_RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr,
     COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,  # only the parameter gradients that are needed
     HAS_DH: tl.constexpr, STORE_DX2: tl.constexpr,
+    CAST_BEFORE_WEIGHT: tl.constexpr,  # dW from xhat rounded to X's dtype, as the forward multiplied it
 ):
     pid = tl.program_id(0)
     num_row_blocks = tl.cdiv(M, BLOCK_M)
@@ -179,6 +186,8 @@ def _norm_bwd_kernel(
             if STORE_DX2:
                 tl.store(DX2_rows + cols[None, :], dx.to(DX2.dtype.element_ty), mask=mask)
             if COMPUTE_DW:
+                if CAST_BEFORE_WEIGHT:
+                    xhat = xhat.to(X.dtype.element_ty).to(tl.float32)
                 dw_acc += tl.sum(dy * xhat, axis=0)
             if COMPUTE_DB:
                 db_acc += tl.sum(dy, axis=0)
@@ -218,6 +227,8 @@ def _norm_bwd_kernel(
                     tl.store(DX2_rows + cols[None, :], dx.to(DX2.dtype.element_ty), mask=mask)
                 # Only this program touches its partial row, so read-add-write is race-free and deterministic.
                 if COMPUTE_DW:
+                    if CAST_BEFORE_WEIGHT:
+                        xhat = xhat.to(X.dtype.element_ty).to(tl.float32)
                     partial = DW_partial + pid * N + cols
                     tl.store(partial, tl.load(partial, mask=cols < N) + tl.sum(dy * xhat, axis=0), mask=cols < N)
                 if COMPUTE_DB:
@@ -256,10 +267,11 @@ def _sum_dtype(x: Tensor, residual: Tensor) -> torch.dtype:
 @torch.library.custom_op("fastlm::layer_norm_fwd", mutates_args=())
 def _norm_fwd(
     x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], residual: Optional[Tensor], eps: float, is_rms: bool,
-    out_dtype: Optional[torch.dtype],
+    out_dtype: Optional[torch.dtype], cast_before_weight: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """y = norm(x [+ residual]) in out_dtype (default: the normalised input's), the sum h (an empty tensor without
-    a residual), and fp32 mean and rstd per row."""
+    a residual), and fp32 mean and rstd per row. cast_before_weight: the normalised rows are rounded to the
+    normalised input's dtype before the weight and bias apply (Hugging Face Llama's RMSNorm)."""
     check_triton_device("fastlm::layer_norm_fwd", x, weight, bias, residual)
     weight, bias = _dense(weight), _dense(bias)  # the kernels index parameters as contiguous
     x2 = _as_rows(x)
@@ -274,16 +286,16 @@ def _norm_fwd(
         cfg = launch_config(N)
         grid = (triton.cdiv(M, cfg["BLOCK_M"]),)
         _norm_fwd_kernel[grid](
-            x2, r2, y, y if residual is None else h, x2 if weight is None else weight, x2 if bias is None else bias,
+            x2, r2, y, x2 if residual is None else h, x2 if weight is None else weight, x2 if bias is None else bias,
             mean, rstd, x2.stride(0), x2.stride(1), r2.stride(0), r2.stride(1), M, N, eps,
             IS_RMS=is_rms, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
-            **cfg,
+            CAST_BEFORE_WEIGHT=cast_before_weight, **cfg,
         )
     return y, h, mean, rstd
 
 
 @_norm_fwd.register_fake
-def _(x, weight, bias, residual, eps, is_rms, out_dtype):
+def _(x, weight, bias, residual, eps, is_rms, out_dtype, cast_before_weight):
     M = x.numel() // x.shape[-1]
     h_dtype = x.dtype if residual is None else _sum_dtype(x, residual)
     y = torch.empty_like(x, dtype=out_dtype or h_dtype, memory_format=torch.contiguous_format)
@@ -295,7 +307,7 @@ def _(x, weight, bias, residual, eps, is_rms, out_dtype):
 @torch.library.custom_op("fastlm::layer_norm_bwd", mutates_args=())
 def _norm_bwd(
     dy: Tensor, dh: Optional[Tensor], x: Tensor, weight: Optional[Tensor], mean: Tensor, rstd: Tensor, is_rms: bool,
-    has_bias: bool, grad_weight: bool, grad_bias: bool, dx2_dtype: Optional[torch.dtype],
+    has_bias: bool, grad_weight: bool, grad_bias: bool, dx2_dtype: Optional[torch.dtype], cast_before_weight: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradients of the normalised input x (plus dh, the sum's own gradient, when given), in x's dtype and, with
     dx2_dtype, the same values in that dtype (else an empty tensor); then dweight and dbias, made only when asked
@@ -319,7 +331,7 @@ def _norm_bwd(
             dx if dx2_dtype is None else dx2, dw_partial, db_partial,
             dy2.stride(0), dy2.stride(1), x2.stride(0), x2.stride(1), M, N,
             IS_RMS=is_rms, HAS_WEIGHT=weight is not None, COMPUTE_DW=compute_dw, COMPUTE_DB=compute_db,
-            HAS_DH=dh is not None, STORE_DX2=dx2_dtype is not None, **cfg,
+            HAS_DH=dh is not None, STORE_DX2=dx2_dtype is not None, CAST_BEFORE_WEIGHT=cast_before_weight, **cfg,
         )
     param_dtype = x.dtype if weight is None else weight.dtype
     dw = dw_partial.sum(0).to(param_dtype) if compute_dw else x.new_empty(0, dtype=param_dtype)
@@ -328,7 +340,7 @@ def _norm_bwd(
 
 
 @_norm_bwd.register_fake
-def _(dy, dh, x, weight, mean, rstd, is_rms, has_bias, grad_weight, grad_bias, dx2_dtype):
+def _(dy, dh, x, weight, mean, rstd, is_rms, has_bias, grad_weight, grad_bias, dx2_dtype, cast_before_weight):
     N = x.shape[-1]
     param_dtype = x.dtype if weight is None else weight.dtype
     dx = torch.empty_like(x, memory_format=torch.contiguous_format)
@@ -339,7 +351,7 @@ def _(dy, dh, x, weight, mean, rstd, is_rms, has_bias, grad_weight, grad_bias, d
 
 
 def _norm_setup_context(ctx, inputs, output):
-    x, weight, bias, residual, eps, is_rms, out_dtype = inputs
+    x, weight, bias, residual, eps, is_rms, out_dtype, ctx.cast_before_weight = inputs
     _, h, mean, rstd = output
     ctx.mark_non_differentiable(mean, rstd)
     ctx.set_materialize_grads(False)  # an unused h gets no zero-filled gradient
@@ -358,11 +370,12 @@ def _norm_backward(ctx, dy, dh, _dmean, _drstd):
     # The sum's dtype is the residual's or x's; the other one, if it differs and needs a gradient, gets a copy.
     x_dtype, r_dtype = ctx.dtypes
     other = x_dtype if need_x and normalised.dtype != x_dtype else (r_dtype if need_r and r_dtype not in (None, normalised.dtype) else None)
-    d, d2, dw, db = _norm_bwd(dy, dh, normalised, weight, mean, rstd, ctx.is_rms, ctx.has_bias, need_w, need_b, other)
+    d, d2, dw, db = _norm_bwd(dy, dh, normalised, weight, mean, rstd, ctx.is_rms, ctx.has_bias, need_w, need_b, other,
+                              ctx.cast_before_weight)
     by_dtype = {d.dtype: d, **({d2.dtype: d2} if other is not None else {})}
     dx = by_dtype[x_dtype] if need_x else None
     dr = by_dtype[r_dtype] if ctx.has_residual and need_r else None
-    return dx, dw if need_w and weight is not None else None, db if need_b and ctx.has_bias else None, dr, None, None, None
+    return dx, dw if need_w and weight is not None else None, db if need_b and ctx.has_bias else None, dr, None, None, None, None
 
 
 _norm_fwd.register_autograd(_norm_backward, setup_context=_norm_setup_context)
@@ -390,18 +403,27 @@ def layer_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = No
     _check_args("layer_norm", x, weight, bias, residual)
     if not use_triton(x):
         return _norm_ref(x, residual, out_dtype, lambda h: layer_norm_ref(h, weight, bias, eps))
-    y, h, _, _ = _norm_fwd(x, weight, bias, residual, eps, False, out_dtype)
+    y, h, _, _ = _norm_fwd(x, weight, bias, residual, eps, False, out_dtype, False)
     return y if residual is None else (y, h)
 
 
 def rms_norm(x: Tensor, weight: Tensor | None = None, eps: float = 1e-6, residual: Tensor | None = None,
-             out_dtype: torch.dtype | None = None):
+             out_dtype: torch.dtype | None = None, cast_before_weight: bool = False):
     """Drop-in for `F.rms_norm(x, (N,), weight, eps)` over the last dim. x: (..., N). `residual` and `out_dtype`
-    as in layer_norm."""
+    as in layer_norm.
+
+    cast_before_weight=True gives Hugging Face Llama's numerics: `weight * (x.float() * rsqrt(mean(x.float()^2) +
+    eps)).to(x.dtype)`, i.e. normalised in fp32, rounded to x's dtype (h's, with a residual), then multiplied by
+    the weight; y's dtype is then torch.promote_types(weight.dtype, x.dtype) unless out_dtype says otherwise. The
+    rounding's backward is the identity; dweight sums dy times the rounded rows.
+    """
     _check_args("rms_norm", x, weight, None, residual)
+    if cast_before_weight and out_dtype is None:
+        h_dtype = x.dtype if residual is None else _sum_dtype(x, residual)
+        out_dtype = h_dtype if weight is None else torch.promote_types(weight.dtype, h_dtype)
     if not use_triton(x):
-        return _norm_ref(x, residual, out_dtype, lambda h: rms_norm_ref(h, weight, eps))
-    y, h, _, _ = _norm_fwd(x, weight, None, residual, eps, True, out_dtype)
+        return _norm_ref(x, residual, out_dtype, lambda h: rms_norm_ref(h, weight, eps, cast_before_weight))
+    y, h, _, _ = _norm_fwd(x, weight, None, residual, eps, True, out_dtype, cast_before_weight)
     return y if residual is None else (y, h)
 
 
@@ -417,10 +439,14 @@ def layer_norm_ref(x: Tensor, weight: Tensor | None = None, bias: Tensor | None 
     return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
 
 
-def rms_norm_ref(x: Tensor, weight: Tensor | None = None, eps: float = 1e-6) -> Tensor:
-    """Plain PyTorch RMSNorm with fp32 statistics, output in x's dtype."""
+def rms_norm_ref(x: Tensor, weight: Tensor | None = None, eps: float = 1e-6, cast_before_weight: bool = False) -> Tensor:
+    """Plain PyTorch RMSNorm with fp32 statistics, output in x's dtype; with cast_before_weight, Hugging Face
+    Llama's expression (rounded to x's dtype before the weight; output dtype promoted with the weight's)."""
     xf = x.float()
     y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    if cast_before_weight:
+        y = y.to(x.dtype)
+        return y if weight is None else weight * y
     if weight is not None:
         y = y * weight.float()
     return y.to(x.dtype)
@@ -441,14 +467,17 @@ class LayerNorm(nn.LayerNorm):
 class RMSNorm(nn.RMSNorm):
     """`nn.RMSNorm` over the last dim running the Triton kernel; same arguments, parameters and state_dict keys.
 
-    As in `nn.RMSNorm`, eps=None means torch.finfo(x.dtype).eps.
+    As in `nn.RMSNorm`, eps=None means torch.finfo(x.dtype).eps. cast_before_weight=True: Hugging Face Llama's
+    numerics (see rms_norm).
     """
 
-    def __init__(self, normalized_shape, eps: float | None = None, elementwise_affine: bool = True, device=None, dtype=None):
+    def __init__(self, normalized_shape, eps: float | None = None, elementwise_affine: bool = True, device=None, dtype=None,
+                 *, cast_before_weight: bool = False):
         super().__init__(normalized_shape, eps, elementwise_affine, device, dtype)
         if len(self.normalized_shape) != 1:
             raise ValueError(f"RMSNorm: only the last dimension can be normalised, got normalized_shape={self.normalized_shape}")
+        self.cast_before_weight = cast_before_weight
 
     def forward(self, x: Tensor) -> Tensor:
         eps = torch.finfo(x.dtype).eps if self.eps is None else self.eps
-        return rms_norm(x, self.weight, eps)
+        return rms_norm(x, self.weight, eps, cast_before_weight=self.cast_before_weight)

@@ -52,20 +52,31 @@ def norm_specs():
     width classes of GPT-2's sizes and a streaming one."""
     widths = [2**k for k in range(15)] + [ln.MAX_FUSED_N["forward"] + 1]
     affine = [dict(IS_RMS=False, HAS_WEIGHT=True), dict(IS_RMS=True, HAS_WEIGHT=True), dict(IS_RMS=False, HAS_WEIGHT=False)]
-    forward = [{**a, "HAS_BIAS": a["HAS_WEIGHT"] and not a["IS_RMS"], "HAS_RESIDUAL": False} for a in affine]
+    forward = [{**a, "HAS_BIAS": a["HAS_WEIGHT"] and not a["IS_RMS"], "HAS_RESIDUAL": False, "CAST_BEFORE_WEIGHT": False}
+               for a in affine]
     backward = [{**a, "COMPUTE_DW": a["HAS_WEIGHT"], "COMPUTE_DB": a["HAS_WEIGHT"] and not a["IS_RMS"],
-                 "HAS_DH": False, "STORE_DX2": False} for a in affine]
-    mixed_fwd = dict(IS_RMS=False, HAS_WEIGHT=True, HAS_BIAS=True, HAS_RESIDUAL=True, _pointers=dict(R="*fp32", H="*fp32"))
+                 "HAS_DH": False, "STORE_DX2": False, "CAST_BEFORE_WEIGHT": False} for a in affine]
+    mixed_fwd = dict(IS_RMS=False, HAS_WEIGHT=True, HAS_BIAS=True, HAS_RESIDUAL=True, CAST_BEFORE_WEIGHT=False,
+                     _pointers=dict(R="*fp32", H="*fp32"))
     mixed_bwd = dict(IS_RMS=False, HAS_WEIGHT=True, COMPUTE_DW=True, COMPUTE_DB=True, HAS_DH=True, STORE_DX2=True,
-                     _pointers=dict(DY="*{dtype}", X="*fp32", DH="*fp32", DX="*fp32", DX2="*{dtype}"))
-    for kernel, backward_pass, flags, mixed in [(ln._norm_fwd_kernel, False, forward, mixed_fwd),
-                                                (ln._norm_bwd_kernel, True, backward, mixed_bwd)]:
+                     CAST_BEFORE_WEIGHT=False, _pointers=dict(DY="*{dtype}", X="*fp32", DH="*fp32", DX="*fp32", DX2="*{dtype}"))
+    # Llama's RMSNorm (cast_before_weight): a 16-bit model, and 16-bit activations with an fp32 weight (fp32 output).
+    llama_fwd = dict(IS_RMS=True, HAS_WEIGHT=True, HAS_BIAS=False, HAS_RESIDUAL=False, CAST_BEFORE_WEIGHT=True)
+    llama_bwd = dict(IS_RMS=True, HAS_WEIGHT=True, COMPUTE_DW=True, COMPUTE_DB=False, HAS_DH=False, STORE_DX2=False,
+                     CAST_BEFORE_WEIGHT=True)
+    llama_fp32_weight = {"_norm_fwd_kernel": dict(W="*fp32", Y="*fp32"), "_norm_bwd_kernel": dict(W="*fp32", DY="*fp32")}
+    for kernel, backward_pass, flags, mixed, llama in [(ln._norm_fwd_kernel, False, forward, mixed_fwd, llama_fwd),
+                                                       (ln._norm_bwd_kernel, True, backward, mixed_bwd, llama_bwd)]:
         configs = {tuple(sorted(ln.launch_config(n, backward_pass).items())) for n in widths}
         for cfg, flag, dtype in itertools.product(sorted(configs), flags, DTYPES):
             yield kernel, dtype, {**dict(cfg), **flag}
         gpt2 = {tuple(sorted(ln.launch_config(n, backward_pass).items())) for n in (768, 1024, 1600, 4096, 16385)}
         for cfg, dtype in itertools.product(sorted(gpt2), ["fp16", "bf16"]):
             yield kernel, dtype, {**dict(cfg), **mixed, "_pointers": dict(mixed["_pointers"])}
+        llama_widths = {tuple(sorted(ln.launch_config(n, backward_pass).items())) for n in (2048, 4096, 8192, 16385)}
+        for cfg in sorted(llama_widths):
+            yield kernel, "bf16", {**dict(cfg), **llama}
+            yield kernel, "fp16", {**dict(cfg), **llama, "_pointers": dict(llama_fp32_weight[kernel.__name__])}
 
 
 def cross_entropy_specs():

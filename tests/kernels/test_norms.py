@@ -7,7 +7,7 @@ from torch import nn
 import kernels
 from kernels import layer_norm, rms_norm
 from kernels.norms import MAX_FUSED_N, _norm_bwd, _norm_fwd
-from tests.conftest import DEVICE, assert_close_to_ref, requires_cuda
+from tests.conftest import DEVICE, HAS_CUDA, assert_close_to_ref, requires_cuda
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # (1, 1): a single element; (3, 7, 129): odd leading dims; (300, 5): many narrow rows packed per program;
@@ -118,11 +118,11 @@ def test_opcheck(is_rms):
     x, w, b, dy = make_inputs((5, 33), torch.float32, "rms" if is_rms else "ln")
     r = torch.randn_like(x)
     for residual, out_dtype in [(None, None), (r, torch.float16)]:
-        torch.library.opcheck(_norm_fwd, (x, w, None if is_rms else b, residual, 1e-5, is_rms, out_dtype))
+        torch.library.opcheck(_norm_fwd, (x, w, None if is_rms else b, residual, 1e-5, is_rms, out_dtype, False))
     with torch.no_grad():
-        _, _, mean, rstd = _norm_fwd(x, w, b, None, 1e-5, is_rms, None)
+        _, _, mean, rstd = _norm_fwd(x, w, b, None, 1e-5, is_rms, None, False)
     for dh, dx2_dtype in [(None, None), (torch.randn_like(dy), torch.bfloat16)]:
-        torch.library.opcheck(_norm_bwd, (dy, dh, x.detach(), w.detach(), mean, rstd, is_rms, not is_rms, True, False, dx2_dtype))
+        torch.library.opcheck(_norm_bwd, (dy, dh, x.detach(), w.detach(), mean, rstd, is_rms, not is_rms, True, False, dx2_dtype, False))
 
 
 def test_modules_are_drop_ins():
@@ -165,7 +165,7 @@ def test_pytorch_fallback_off_triton(monkeypatch):
     torch.testing.assert_close(layer_norm(x, w, b), F.layer_norm(x, (50,), w, b), atol=0, rtol=0)
     torch.testing.assert_close(rms_norm(x, w), F.rms_norm(x, (50,), w, 1e-6), atol=1e-6, rtol=1e-6)
     with pytest.raises(RuntimeError, match="need CUDA tensors"):
-        _norm_fwd(x, w, b, None, 1e-5, False, None)
+        _norm_fwd(x, w, b, None, 1e-5, False, None, False)
 
 
 @requires_cuda("real-size bf16/fp16 checks run on a GPU")
@@ -242,3 +242,91 @@ def test_frozen_norm_parameters_get_no_gradient_work(monkeypatch):
         (layer_norm(x, w, b) * dy).sum().backward()
         assert (w.grad is not None) == trainable
     assert made == [(40, 40), (0, 0)]
+
+
+# -----------------------------------------------------------------------------
+# RMSNorm with Hugging Face Llama's numerics: normalise in fp32, round to x's dtype, then multiply by the weight.
+
+def llama_rms_norm(x, w, eps=1e-6):
+    """LlamaRMSNorm.forward, written out: `weight * (x.float() * rsqrt(mean(x.float()^2) + eps)).to(x.dtype)` (fp64 x
+    stays fp64, for the reference)."""
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))
+    y = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return y if w is None else w * y
+
+
+def ulp(t, dtype):
+    """The spacing of `dtype` at |t| (its smallest normal's below it)."""
+    mantissa = {torch.float32: 23, torch.float16: 10, torch.bfloat16: 7}[dtype]
+    _, exponent = torch.frexp(t.double().abs().clamp(min=torch.finfo(dtype).tiny))
+    return torch.ldexp(torch.ones_like(t, dtype=torch.float64), exponent - 1 - mantissa)
+
+
+# (x dtype, weight dtype or None): as Llama runs in bf16, an fp32 master weight (fp32 output), fp32, no weight.
+LLAMA_DTYPES = [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16), (torch.bfloat16, torch.float32),
+                (torch.float16, torch.float32), (torch.float32, torch.float32), (torch.bfloat16, None)]
+
+
+@pytest.mark.parametrize("x_dtype,w_dtype", LLAMA_DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1), (300, 5), (3, 7, 129), (2, MAX_FUSED_N["forward"] + 3)])
+def test_rms_norm_cast_before_weight_matches_llama(shape, x_dtype, w_dtype):
+    """In 16 bits the forward equals Llama's expression in the same dtypes to within one ulp of each rounding, and
+    exactly for nearly every element (an uncast product differs far more often); fp32 output and the gradients of
+    x and the weight are within 2x eager's error against the same expression in float64."""
+    if x_dtype == torch.bfloat16 and not HAS_CUDA:
+        pytest.skip("Triton's interpreter truncates fp32 -> bf16 conversions (a GPU rounds to nearest even): bf16 "
+                    "rounding is checked on a GPU, the same code in fp16 here")
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(shape, generator=g) * 2 + 0.5).to(DEVICE, x_dtype).requires_grad_()
+    w = None if w_dtype is None else (torch.randn(shape[-1], generator=g) + 1).to(DEVICE, w_dtype).requires_grad_()
+    out_dtype = x_dtype if w is None else torch.promote_types(x_dtype, w_dtype)
+    dy = torch.randn(shape, generator=g).to(DEVICE, out_dtype)
+    inputs = (x,) if w is None else (x, w)
+    ours = outputs_and_grads(rms_norm(x, w, 1e-6, cast_before_weight=True), dy, inputs)
+    eager = outputs_and_grads(llama_rms_norm(x, w), dy, inputs)
+    assert ours[0].dtype == out_dtype
+    up = lambda t: None if t is None else t.detach().double().requires_grad_()
+    x64, w64 = up(x), up(w)
+    ref = outputs_and_grads(llama_rms_norm(x64, w64), dy.double(), (x64,) if w is None else (x64, w64))
+    if x_dtype == torch.float32:  # no rounding before the weight: fp32 statistics in another order
+        assert_close_to_ref(ours[0], ref[0], eager[0], "y")
+    else:
+        y, y_eager = ours[0].double(), eager[0].double()
+        scale = 1.0 if w is None else w.detach().double().abs()
+        normalised = llama_rms_norm(x.detach(), None).double()  # Llama's rounded rows, before the weight
+        allowed = ulp(normalised, x_dtype) * scale + ulp(y_eager, out_dtype)
+        worst = ((y - y_eager).abs() / allowed).max().item()
+        assert worst <= 1.0, f"y: {worst:.3g} ulps from Llama's expression"
+        exact = (y == y_eager).double().mean().item()
+        assert exact >= 0.99, f"y: only {exact:.1%} of the elements equal Llama's expression"
+    for name, o, r, e in zip(["dx", "dweight"], ours[1:], ref[1:], eager[1:]):
+        assert o.dtype == e.dtype, name
+        assert_close_to_ref(o, r, e, name)
+    if w_dtype == torch.float32 and x_dtype != torch.float32:  # dweight sums dy times the *rounded* rows, as autograd does
+        rounded = llama_rms_norm(x.detach(), None).double()
+        expected = (dy.double() * rounded).reshape(-1, shape[-1]).sum(0)
+        torch.testing.assert_close(ours[2].double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_rms_norm_cast_before_weight_compiles_and_opchecks():
+    x = torch.randn(5, 33, device=DEVICE, dtype=torch.float16, requires_grad=True)
+    w = torch.randn(33, device=DEVICE, requires_grad=True)
+    dy = torch.randn(5, 33, device=DEVICE)
+    fn = lambda x, w: rms_norm(x, w, 1e-6, cast_before_weight=True)
+    eager = outputs_and_grads(fn(x, w), dy, (x, w))
+    compiled = outputs_and_grads(torch.compile(fn, fullgraph=True)(x, w), dy, (x, w))
+    for e, c in zip(eager, compiled):
+        torch.testing.assert_close(c, e, atol=0, rtol=0)
+    module = kernels.RMSNorm(33, eps=1e-6, cast_before_weight=True).to(DEVICE)
+    assert torch.equal(module(x.detach()), rms_norm(x.detach(), module.weight, 1e-6, cast_before_weight=True))
+    torch.library.opcheck(_norm_fwd, (x, w, None, None, 1e-6, True, torch.float32, True))
+    with torch.no_grad():
+        _, _, mean, rstd = _norm_fwd(x, w, None, None, 1e-6, True, torch.float32, True)
+    torch.library.opcheck(_norm_bwd, (dy, None, x.detach(), w.detach(), mean, rstd, True, False, True, False, None, True))
+
+
+def test_rms_norm_cast_before_weight_fallback_off_triton(monkeypatch):
+    monkeypatch.setattr("kernels._utils.interpreting", lambda: False)
+    x, w = torch.randn(3, 50, dtype=torch.bfloat16), torch.randn(50)
+    y = rms_norm(x, w, 1e-6, cast_before_weight=True)
+    assert y.dtype == torch.float32 and torch.equal(y, llama_rms_norm(x, w))
