@@ -63,18 +63,26 @@ def render(data: dict) -> str:
     return "\n".join(lines)
 
 
+def merge(runs: list[dict]) -> dict:
+    """Several pytest-benchmark JSON files of one session (one per group) as one: the first file's metadata, every
+    file's benchmarks."""
+    return {**runs[0], "benchmarks": [b for run in runs for b in run.get("benchmarks", [])]}
+
+
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1:
-        print("usage: python -m bench.report RESULTS.json > RESULTS.md", file=sys.stderr)
+    if not argv:
+        print("usage: python -m bench.report RESULTS.json [MORE.json ...] > RESULTS.md", file=sys.stderr)
         raise SystemExit(2)
-    try:
-        with open(argv[0]) as f:
-            data = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        print(f"error: {argv[0]}: {e}", file=sys.stderr)
-        raise SystemExit(2)
-    print(render(data))
+    runs = []
+    for path in argv:
+        try:
+            with open(path) as f:
+                runs.append(json.load(f))
+        except (OSError, json.JSONDecodeError) as e:
+            print(f"error: {path}: {e}", file=sys.stderr)
+            raise SystemExit(2)
+    print(render(merge(runs)))
 
 
 if __name__ == "__main__":

@@ -39,4 +39,7 @@ def assert_close_to_ref(out: torch.Tensor, ref: torch.Tensor, eager: torch.Tenso
 
 
 def requires_cuda(reason: str = "needs a CUDA GPU"):
-    return pytest.mark.skipif(not HAS_CUDA, reason=reason)
+    """Skip without CUDA (saying why) and mark the test `gpu`, so `pytest -m gpu` runs exactly the GPU checks."""
+    def mark(test):
+        return pytest.mark.gpu(pytest.mark.skipif(not HAS_CUDA, reason=reason)(test))
+    return mark

@@ -33,3 +33,16 @@ def test_cli_reads_a_file_and_rejects_a_bad_one(tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         main([str(tmp_path / "bad.json")])
     assert info.value.code == 2 and "error:" in capsys.readouterr().err
+
+
+def test_several_files_of_one_session_make_one_table(tmp_path, capsys):
+    """gpu_session.sh writes one JSON per benchmark group; the report merges them."""
+    first, second = fake_results(), fake_results()
+    second["benchmarks"] = [dict(b, group="cross_entropy 16384x50257 forward_backward") for b in second["benchmarks"]]
+    paths = []
+    for i, data in enumerate((first, second)):
+        paths.append(tmp_path / f"bench-{i}.json")
+        paths[-1].write_text(json.dumps(data))
+    main([str(p) for p in paths])
+    table = capsys.readouterr().out
+    assert "layer_norm 16384x768 forward" in table and "cross_entropy 16384x50257 forward_backward" in table
