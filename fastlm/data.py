@@ -4,8 +4,13 @@ A corpus is a .txt file (one document), a directory of .txt files (one document 
 .jsonl file with a "text" field per line; with no path, the documentation that ships with Python
 (`pydoc_data.topics`, about 140K GPT-2 tokens) so a first run needs no download. Documents are joined by
 `<|endoftext|>` and tokenised with the bundled GPT-2 tokenizer; the ids are cached as a uint16 file named by a
-hash of the text, so the next run with the same data skips tokenisation. The last `val_fraction` of the
-tokens is the validation split.
+hash of the text, so the next run with the same data skips tokenisation.
+
+The validation split is whole documents drawn at random (seeded) from across the corpus until they hold at
+least `val_fraction` of the tokens (a document that would make it more than 1.5 times that is passed over), so
+training and validation text come from the same distribution; the rest, in corpus order, is the training split.
+A corpus of one document (a single .txt file), or one whose documents cannot make up the fraction that way, has
+the last `val_fraction` of its tokens held out instead.
 """
 from __future__ import annotations
 
@@ -35,6 +40,13 @@ def read_documents(path: str | os.PathLike | None) -> list[str]:
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: no such file or directory")
+    documents = _read_documents(path)
+    if not any(doc.strip() for doc in documents):
+        raise DataError(f"{path}: no text in it (" + ("its files are empty)" if path.is_dir() else "the file is empty)"))
+    return documents
+
+
+def _read_documents(path: Path) -> list[str]:
     if path.is_dir():
         files = sorted(p for p in path.rglob("*.txt") if p.is_file())
         if not files:
@@ -101,16 +113,39 @@ class Splits:
     train: torch.Tensor  # int64 token ids
     val: torch.Tensor
     key: str             # content hash of the corpus
+    how: str             # what the validation split is, in words
 
 
-def split(tokens: np.ndarray, key: str, seq_len: int, val_fraction: float, source: str) -> Splits:
+def split(tokens: np.ndarray, key: str, seq_len: int, val_fraction: float, source: str, eot: int | None = None,
+          seed: int = 0) -> Splits:
+    """Training and validation token ids (see the module docstring). Documents are the spans that end with `eot`
+    (as tokenize leaves them); eot=None holds out the last tokens."""
     n = len(tokens)
     n_val = max(int(n * val_fraction), seq_len + 1)
     if n - n_val < seq_len + 1 or n == 0:
-        raise DataError(f"{source}: {n} tokens is too little data for --seq-len {seq_len} "
+        raise DataError(f"{source}: {n} token{'' if n == 1 else 's'} is too little data for --seq-len {seq_len} "
                         f"(need at least {2 * (seq_len + 1)}); add text or lower --seq-len")
     ids = torch.from_numpy(np.asarray(tokens, dtype=np.int64))
-    return Splits(train=ids[: n - n_val], val=ids[n - n_val :], key=key)
+    if eot is not None:
+        ends = ((ids == eot).nonzero().flatten() + 1).tolist()
+        if not ends or ends[-1] != n:
+            ends.append(n)
+        starts = [0] + ends[:-1]
+        order = torch.randperm(len(ends), generator=torch.Generator().manual_seed(seed)).tolist()
+        chosen, held = [], 0
+        for i in order:
+            if held >= n_val:
+                break
+            if held + ends[i] - starts[i] <= 1.5 * n_val:
+                chosen.append(i)
+                held += ends[i] - starts[i]
+        if len(ends) > 1 and n_val <= held <= n - (seq_len + 1):
+            val = torch.zeros(n, dtype=torch.bool)
+            for i in chosen:
+                val[starts[i]:ends[i]] = True
+            return Splits(train=ids[~val], val=ids[val], key=key,
+                          how=f"{len(chosen)} of {len(ends)} documents drawn at random (seed {seed})")
+    return Splits(train=ids[: n - n_val], val=ids[n - n_val :], key=key, how=f"the last {n_val:,} tokens")
 
 
 def random_windows(data: torch.Tensor, count: int, seq_len: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import math
 import sys
-import time
 from pathlib import Path
 
 from fastlm.files import atomic_write_text
@@ -17,22 +16,24 @@ from fastlm.plot import PLOT_HINT, write_loss_plot
 
 
 class Progress:
-    """A one-line bar on a terminal, plain log lines otherwise."""
+    """A one-line bar on a terminal, plain log lines otherwise; on stdout, with the run's other lines, so that
+    `> train.log` keeps them all (errors go to stderr)."""
 
     def __init__(self, total: int, stream=None):
-        self.total, self.stream = total, stream or sys.stderr
+        self.total, self.stream = total, stream or sys.stdout
         self.tty = self.stream.isatty()
         self.closed = False
 
-    def update(self, step: int, loss: float, lr: float, tokens_per_s: float, seconds_left: float, val_loss=None) -> None:
+    def update(self, step: int, loss: float, lr: float, tokens_per_s: float, elapsed: float, seconds_left: float,
+               val_loss=None) -> None:
         val = f" val {val_loss:.4f}" if val_loss is not None else ""
-        eta = time.strftime("%H:%M:%S", time.gmtime(max(0.0, seconds_left)))
+        times = f"elapsed {_clock(elapsed)} left {_clock(seconds_left)}"
         if self.tty:
             filled = int(30 * step / self.total)
             bar = "#" * filled + "." * (30 - filled)
-            self.stream.write(f"\rstep {step}/{self.total} [{bar}] loss {loss:.4f}{val} lr {lr:.2e} {tokens_per_s:,.0f} tok/s left {eta} ")
+            self.stream.write(f"\rstep {step}/{self.total} [{bar}] loss {loss:.4f}{val} lr {lr:.2e} {tokens_per_s:,.0f} tok/s {times} ")
         else:
-            self.stream.write(f"step {step}/{self.total} loss {loss:.4f}{val} lr {lr:.2e} {tokens_per_s:,.0f} tok/s left {eta}\n")
+            self.stream.write(f"step {step}/{self.total} loss {loss:.4f}{val} lr {lr:.2e} {tokens_per_s:,.0f} tok/s {times}\n")
         self.stream.flush()
 
     def note(self, message: str) -> None:
@@ -52,6 +53,11 @@ class Progress:
             self.stream.write("\n")
             self.stream.flush()
         self.closed = True
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(max(0.0, seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
 def read_metrics(path: Path) -> list[dict]:

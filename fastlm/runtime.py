@@ -8,9 +8,8 @@ import time
 
 import torch
 
+from fastlm.cli import AUTOCAST_CHOICES
 from kernels._utils import device_runs_triton
-
-AUTOCAST_CHOICES = ("auto", "bfloat16", "off")  # --autocast of the training and evaluation commands
 
 
 def resolve_device(name: str) -> torch.device:

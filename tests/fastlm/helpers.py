@@ -39,10 +39,10 @@ def config(checkpoint, corpus, tmp_path, **overrides):
 @contextlib.contextmanager
 def signalled_after(steps, monkeypatch, signum=signal.SIGINT):
     """Within the block, a run gets `signum` (as from Ctrl-C or `kill`) while it draws step steps + 1's batch: the
-    loop finishes that step, saves a checkpoint and raises fastlm.finetune.Stopped."""
-    import fastlm.finetune as finetune
+    loop finishes that step, saves a checkpoint and raises fastlm.training.Stopped."""
+    import fastlm.training as training
 
-    calls, real_windows = {"n": 0}, finetune.random_windows
+    calls, real_windows = {"n": 0}, training.random_windows
 
     def windows(*args):
         calls["n"] += 1
@@ -50,11 +50,11 @@ def signalled_after(steps, monkeypatch, signum=signal.SIGINT):
             signal.raise_signal(signum)
         return real_windows(*args)
 
-    monkeypatch.setattr(finetune, "random_windows", windows)
+    monkeypatch.setattr(training, "random_windows", windows)
     try:
         yield
     finally:
-        monkeypatch.setattr(finetune, "random_windows", real_windows)
+        monkeypatch.setattr(training, "random_windows", real_windows)
 
 
 def read_metrics(out):

@@ -16,6 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 import fastlm.distributed
 import fastlm.finetune as finetune
+import fastlm.training as training
 from fastlm import GPT
 from fastlm.distributed import World, world_from_env
 from tests.fastlm.helpers import TEXT, config, read_metrics, signalled_after
@@ -27,8 +28,9 @@ STEPS = dict(max_steps=8, grad_accum=2, eval_every=4, save_every=4, log_every=2,
 SIGTERM_TO_RANK_1 = """
 import os, signal, sys
 import fastlm.finetune as finetune
+import fastlm.training as training
 
-real_windows, calls = finetune.random_windows, [0]
+real_windows, calls = training.random_windows, [0]
 
 def windows(*args):
     calls[0] += 1
@@ -37,7 +39,7 @@ def windows(*args):
     return real_windows(*args)
 
 if os.environ["RANK"] == "1":
-    finetune.random_windows = windows
+    training.random_windows = windows
 finetune.main(sys.argv[1:])
 """
 
@@ -109,7 +111,7 @@ def test_two_ranks_equal_one_process_and_resume_on_another_layout(checkpoint, co
     assert_same_run(tmp_path / "one" / "out", tmp_path / "fsdp" / "out")
 
     # One process gets SIGINT in step 5 (checkpoint at 5); two FSDP processes of batch 2 resume it to step 8.
-    with signalled_after(4, monkeypatch), pytest.raises(finetune.Stopped):
+    with signalled_after(4, monkeypatch), pytest.raises(training.Stopped):
         finetune.run(config(checkpoint, corpus, tmp_path / "resumed", batch_size=4, **STEPS))
     resumed = config(checkpoint, corpus, tmp_path / "resumed", batch_size=2, resume=True, fsdp=True, **STEPS)
     done = torchrun(cli_args(resumed))
@@ -187,7 +189,7 @@ def _measure_shards(rank: int, cfg, out: Path) -> None:
     """Fine-tune with --fsdp, recording what each rank holds of the parameters and of AdamW's state."""
     from torch.distributed.tensor import DTensor
 
-    real_parallelize, real_optimizer, seen = fastlm.distributed.parallelize, finetune.make_optimizer, {}
+    real_parallelize, real_optimizer, seen = fastlm.distributed.parallelize, training.make_optimizer, {}
 
     def parallelize(*args, **kwargs):
         parallel = real_parallelize(*args, **kwargs)
@@ -201,7 +203,7 @@ def _measure_shards(rank: int, cfg, out: Path) -> None:
         seen["optimizer"] = optimizer
         return optimizer
 
-    fastlm.distributed.parallelize, finetune.make_optimizer = parallelize, make_optimizer
+    fastlm.distributed.parallelize, training.make_optimizer = parallelize, make_optimizer
     finetune.run(cfg)
     moments = [state["exp_avg"] for state in seen.pop("optimizer").state.values()]
     seen["moments_local"] = sum(m.to_local().numel() for m in moments)

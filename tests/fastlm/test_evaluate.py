@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from fastlm import GPT, GPTConfig, get_tokenizer
-from fastlm.evaluate import evaluate, gpt2_token_bytes, main, text_ids, windows
+import fastlm.evaluate
+from fastlm.evaluate import main
+from fastlm.perplexity import evaluate, gpt2_token_bytes, text_ids, windows
 from fastlm.tokenizer import ASSETS
 from kernels._utils import use_triton
 from tests.conftest import DEVICE
@@ -180,7 +182,7 @@ def test_triton_backend_matches_torch():
     (["--data", None], "--data is required"),
     (["--weights", "{tmp}/missing.safetensors"], "missing.safetensors: no such file"),
     (["--data", "{tmp}/missing.txt"], "missing.txt: no such file"),
-    (["--data", "{tmp}/empty.txt"], "the text is 0 token(s); perplexity needs at least 2"),
+    (["--data", "{tmp}/empty.txt"], "empty.txt: no text in it (the file is empty)"),
     (["--data", "{tmp}/one_token.txt"], "the text is 1 token(s)"),
     (["--stride", "0"], "--stride must be positive"),
     (["--stride", "17"], "--stride 17 is larger than --seq-len 16"),
@@ -189,6 +191,8 @@ def test_triton_backend_matches_torch():
     (["--batch-size", "0"], "--batch-size must be positive"),
     (["--weights", "{tmp}/small_vocab"], "smaller than the GPT-2 tokenizer's 50257"),
     (["--device", "foo"], "is not a device"),
+    (["--autocast", "float16"], "--autocast: invalid choice: 'float16' (choose from "),
+    (["--batch-size", "two"], "--batch-size: invalid int value: 'two'"),
 ] + ([] if torch.cuda.is_available() else [(["--device", "cuda"], "CUDA is not available")]))
 def test_bad_input_exits_2_with_one_line(checkpoint, tmp_path, capsys, args, message):
     (tmp_path / "text.txt").write_text(TEXT)
@@ -224,3 +228,16 @@ def test_old_dtype_flag_names_its_new_spelling(checkpoint, tmp_path, capsys):
         main(["--weights", str(checkpoint), "--data", str(tmp_path / "text.txt"), "--dtype", "bfloat16"])
     err = capsys.readouterr().err
     assert info.value.code == 2 and err.count("\n") == 1 and "--dtype is now --autocast" in err, err
+
+
+def test_a_long_evaluation_shows_its_progress(checkpoint, tmp_path, capsys, monkeypatch):
+    """A line per batch here (every 0 s): windows done of all, on stderr; the result alone on stdout."""
+    monkeypatch.setattr(fastlm.evaluate, "PROGRESS_EVERY", 0.0)
+    (tmp_path / "text.txt").write_text(TEXT)
+    main(["--weights", str(checkpoint), "--data", str(tmp_path / "text.txt"), "--device", "cpu", "--seq-len", "16",
+          "--stride", "8", "--batch-size", "2", "--json"])
+    captured = capsys.readouterr()
+    result = json.loads(captured.out)
+    lines = captured.err.splitlines()
+    done = [int(line.split()[1].split("/")[0]) for line in lines]
+    assert done == list(range(2, result["windows"], 2)) and all(f"/{result['windows']} windows, elapsed" in l for l in lines)

@@ -19,9 +19,10 @@ from safetensors import safe_open
 
 import fastlm.checkpoint as ckpt
 import fastlm.finetune as finetune
+import fastlm.training as training
 from fastlm import GPT
 from fastlm.files import temporaries
-from fastlm.finetune import Stopped, main, run
+from fastlm.finetune import main, run
 from fastlm.weights import WeightsError
 from tests.fastlm.helpers import TEXT, config, read_metrics, signalled_after
 
@@ -124,7 +125,7 @@ def test_a_checkpoint_every_few_minutes_as_well_as_every_few_steps(checkpoint, c
     saved, real = [], ckpt.save_checkpoint
     monkeypatch.setattr(ckpt, "save_checkpoint", lambda path, *args: saved.append(args[-1]["step"]) or real(path, *args))
     clock = iter(range(0, 10**6, 61))  # every reading of the clock a minute and a second after the last
-    monkeypatch.setattr(finetune, "time", type("Clock", (), {"perf_counter": staticmethod(lambda: next(clock))}))
+    monkeypatch.setattr(training, "time", type("Clock", (), {"perf_counter": staticmethod(lambda: next(clock))}))
     run(config(checkpoint, corpus, tmp_path, max_steps=4, save_every=100, eval_every=100, save_minutes=1, sample_tokens=0))
     assert saved == [1, 2, 3, 4], "a minute had passed since the last checkpoint after every step"
 
@@ -134,14 +135,14 @@ def test_a_checkpoint_every_few_minutes_as_well_as_every_few_steps(checkpoint, c
 # start with no thread pool to inherit); each child is a fine-tuning run that SIGKILLs itself at its moment.
 KILLER = """
 import json, os, signal, sys
-import fastlm.checkpoint, fastlm.files, fastlm.finetune, fastlm.weights
+import fastlm.checkpoint, fastlm.files, fastlm.finetune, fastlm.training, fastlm.weights
 try:
     import matplotlib.backends.backend_agg, matplotlib.figure  # loss.png: imported once, not in every child
 except ImportError:
     pass
 
 def killed_at(name, nth, how, args):
-    real_write, real_windows, seen = fastlm.files.atomic_write, fastlm.finetune.random_windows, {"n": 0}
+    real_write, real_windows, seen = fastlm.files.atomic_write, fastlm.training.random_windows, {"n": 0}
 
     def atomic_write(target, write):
         if os.path.basename(target) != name:
@@ -164,7 +165,7 @@ def killed_at(name, nth, how, args):
         return real_windows(*args)
 
     if name == "training":
-        fastlm.finetune.random_windows = random_windows
+        fastlm.training.random_windows = random_windows
     for module in (fastlm.files, fastlm.checkpoint, fastlm.weights):
         module.atomic_write = atomic_write
     fastlm.finetune.main(args)
@@ -232,9 +233,9 @@ def strict_json(line: str):
 
 def test_a_nonfinite_loss_stops_the_run_without_saving_it(checkpoint, corpus, tmp_path, monkeypatch, capsys):
     """The logged loss is made nan from step 4 on; losses are read back every 3 steps (4, 5, 6 together)."""
-    real_step = finetune.train_step
+    real_step = training.train_step
     steps = iter(range(1, 100))
-    monkeypatch.setattr(finetune, "train_step", lambda *args: real_step(*args) * (1.0 if next(steps) < 4 else float("nan")))
+    monkeypatch.setattr(training, "train_step", lambda *args: real_step(*args) * (1.0 if next(steps) < 4 else float("nan")))
     cfg = config(checkpoint, corpus, tmp_path, max_steps=12, save_every=3, log_every=3, eval_every=100, sample_tokens=0)
     with pytest.raises(SystemExit) as exit_:
         main(args_of(cfg))

@@ -1,15 +1,26 @@
 """python -m fastlm.finetune on CPU with a tiny transformers-format GPT-2: learning, outputs, resume, accumulation,
-data formats, and every kind of bad input."""
+data formats, the defaults for the run at hand, the README's own command, --help, and every kind of bad input."""
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 
 from fastlm import GPT
-from fastlm.data import DataError, read_documents, tokenize
-from fastlm.finetune import FinetuneConfig, Stopped, learning_rate, main, run
+from fastlm.data import DataError, read_documents, split, tokenize
+from fastlm.finetune import FinetuneConfig, main, run
+from fastlm.training import Stopped, learning_rate
 from fastlm.tokenizer import get_tokenizer
 from tests.fastlm.helpers import config, make_hf_model, read_metrics, signalled_after
 
 transformers = pytest.importorskip("transformers")
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_loss_falls_and_transformers_loads_the_output(checkpoint, corpus, tmp_path, capsys):
@@ -66,11 +77,47 @@ def test_learning_rate_schedule():
     assert all(a >= b for a, b in zip(lrs[4:], lrs[5:])) and lrs[-1] == pytest.approx(0.1, abs=2e-3)
 
 
-def test_default_run_trains_a_small_model_from_scratch_on_pythons_docs(tmp_path, capsys):
-    run(FinetuneConfig(out=str(tmp_path / "out"), max_steps=2, eval_every=1, device="cpu", sample_tokens=4,
-                       cache_dir=str(tmp_path / "cache")))
-    printed = capsys.readouterr().out
-    assert "training a small GPT-2 from scratch" in printed and "pydoc_data" in printed
+def readme_set_up() -> list[str]:
+    """The command lines of the README's first block (under Set-up)."""
+    readme = (ROOT / "README.md").read_text()
+    block = readme[readme.index("## Set-up"):].split("```bash\n", 1)[1].split("```", 1)[0]
+    return [line for line in block.splitlines() if line.strip() and not line.startswith("#")]
+
+
+def readme_main_job() -> list[str]:
+    """The main-job part of the README's first command: what follows the install in its first line."""
+    return shlex.split(readme_set_up()[0].split(" && ")[-1])
+
+
+def test_the_readmes_download_command_is_installed_with_fastlm():
+    """`hf` comes with huggingface_hub, which tokenizers (a dependency) installs; `huggingface-cli` no longer does."""
+    download = next(shlex.split(line) for line in readme_set_up() if "download" in line)
+    assert download[:3] == ["hf", "download", "openai-community/gpt2"]
+    assert shutil.which(download[0], path=str(Path(sys.executable).parent)), "in the environment the install made"
+
+
+def test_the_readmes_first_command_trains_with_falling_loss(tmp_path):
+    """As CI runs it: `python -m fastlm.finetune` with its defaults (no file of ours: a small GPT-2 from scratch on
+    Python's documentation), shortened only by documented flags, in a fresh directory."""
+    command = readme_main_job()
+    assert command == ["python", "-m", "fastlm.finetune"], "the README's main job is the default run"
+    shorter = ["--max-steps", "20", "--eval-every", "10", "--cache-dir", str(tmp_path / "cache")]
+    done = subprocess.run([sys.executable, *command[1:], *shorter], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stderr == "", "everything the run says goes to stdout, with the progress lines"
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("no --weights given: training a small GPT-2 from scratch (4 layers, 128 wide")
+    steps = [line for line in lines if line.startswith("step ")]
+    assert steps[0].startswith("step 1/20 loss ") and " elapsed 0:00:" in steps[0], "a line at step 1, with the time"
+    assert [int(line.split()[1].split("/")[0]) for line in steps] == [1, 10, 20]
+    metrics = read_metrics(tmp_path / "out-finetune")
+    assert sum(m["loss"] for m in metrics[-5:]) / 5 < metrics[0]["loss"] - 0.3, [m["loss"] for m in metrics]
+    assert metrics[19]["val_loss"] < metrics[9]["val_loss"]
+    saved = torch.load(tmp_path / "out-finetune" / "checkpoint.pt", weights_only=False, mmap=True)["finetune_config"]
+    assert (saved["batch_size"], saved["seq_len"]) == (8, 64), "no --weights: the usual 8 windows of the whole context"
+    assert any(line.startswith("losses: train = the mean over the last 10 steps") for line in lines)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "out-finetune"]
 
 
 def test_data_formats_and_token_cache(tmp_path, monkeypatch):
@@ -98,10 +145,14 @@ def test_bad_data_files(tmp_path):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--weights", "{tmp}/missing.safetensors"], "no such file"),
+    (["--weights", "{tmp}/missing.safetensors"], "missing.safetensors: no such file or directory. GPT-2's weights: "
+                                                 "`hf download openai-community/gpt2 model.safetensors config.json "
+                                                 "--local-dir gpt2`, then --weights gpt2; or leave --weights out to "
+                                                 "train a small GPT-2 from scratch"),
     (["--weights", "{tmp}/corrupt.safetensors"], "not a readable safetensors file"),
     (["--data", "{tmp}/missing.txt"], "missing.txt: no such file"),
-    (["--data", "{tmp}/empty.txt"], "too little data"),
+    (["--data", "{tmp}/empty.txt"], "empty.txt: no text in it (the file is empty)"),
+    (["--data", "{tmp}/one_word.txt"], "one_word.txt: 2 tokens is too little data for --seq-len 16"),
     (["--seq-len", "65"], "longer than the model's context of 64"),
     (["--lr", "0"], "--lr must be positive"),
     (["--batch-size", "0"], "--batch-size must be positive"),
@@ -121,10 +172,13 @@ def test_bad_data_files(tmp_path):
     (["--lora-rank", "4", "--lora-alpha", "0"], "--lora-alpha must be positive"),
     (["--dtype", "bfloat16"], "--dtype is now --autocast"),
     (["--dtype=float32"], "--dtype is now --autocast"),
+    (["--autocast", "float16"], "--autocast: invalid choice: 'float16' (choose from "),
+    (["--max-steps", "ten"], "--max-steps: invalid int value: 'ten'"),
 ] + ([] if torch.cuda.is_available() else [(["--device", "cuda"], "CUDA is not available")]))
 def test_bad_input_exits_2_with_one_line(checkpoint, corpus, tmp_path, capsys, args, message):
     (tmp_path / "corrupt.safetensors").write_bytes(b"\x00" * 100)
     (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "one_word.txt").write_text("Hello")
     (tmp_path / "a_file").write_text("keep")
     make_hf_model(n_embd=16, n_head=1, n_layer=1, vocab_size=101).save_pretrained(tmp_path / "small_vocab")
     (tmp_path / "earlier_run").mkdir()
@@ -140,6 +194,7 @@ def test_bad_input_exits_2_with_one_line(checkpoint, corpus, tmp_path, capsys, a
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err, err
     assert (tmp_path / "a_file").read_text() == "keep"
+    assert not (tmp_path / "out").exists(), "a run whose set-up fails leaves no --out behind"
     assert (tmp_path / "earlier_run" / "checkpoint.pt").read_text() == "an earlier run"
 
 
@@ -149,6 +204,8 @@ def test_resume_refuses_changed_data_settings_and_overwrite_replaces(checkpoint,
         run(config(checkpoint, corpus, tmp_path, max_steps=4, batch_size=2, resume=True))
     with pytest.raises(ValueError, match="--train-layers is 1 but the checkpoint was trained with None"):
         run(config(checkpoint, corpus, tmp_path, max_steps=4, train_layers=1, resume=True))
+    with pytest.raises(ValueError, match="--seq-len is 16 but the checkpoint was trained with 32; resume with the same"):
+        run(config(checkpoint, corpus, tmp_path, max_steps=4, seq_len=16, resume=True))
     run(config(checkpoint, corpus, tmp_path, max_steps=4, batch_size=2, grad_accum=2, resume=True))  # same windows per step
     with pytest.raises(ValueError, match="--max-steps 4: the run is complete .* raise --max-steps to train further"):
         run(config(checkpoint, corpus, tmp_path, max_steps=4, batch_size=2, grad_accum=2, resume=True))
@@ -161,3 +218,62 @@ def test_half_precision_weights_train_in_fp32(checkpoint, corpus, tmp_path):
     GPT.from_pretrained(checkpoint, dtype=torch.bfloat16).save_pretrained(tmp_path / "bf16")
     run(config(tmp_path / "bf16", corpus, tmp_path, max_steps=2))
     assert GPT.from_pretrained(tmp_path / "out").lm_head.weight.dtype == torch.float32
+
+
+def test_validation_is_whole_documents_drawn_from_across_the_corpus():
+    eot, rng = 50256, np.random.default_rng(0)
+    docs = [list(rng.integers(0, 50000, size=int(n))) + [eot] for n in rng.integers(20, 200, size=60)]
+    tokens = np.array([t for doc in docs for t in doc], dtype=np.uint16)
+    splits = split(tokens, "key", 16, 0.1, "corpus", eot=eot, seed=7)
+    val, train = _documents(splits.val.tolist(), eot), _documents(splits.train.tolist(), eot)
+    originals = [tuple(doc) for doc in docs]
+    assert sorted(val + train) == sorted(originals), "every document in one split or the other, whole"
+    assert 0.1 * len(tokens) <= len(splits.val) <= 0.15 * len(tokens)
+    positions = sorted(originals.index(doc) for doc in val)
+    assert positions[0] < 30 < positions[-1], "from across the corpus, not its end"
+    assert splits.how == f"{len(val)} of 60 documents drawn at random (seed 7)"
+    again, other = split(tokens, "key", 16, 0.1, "corpus", eot=eot, seed=7), split(tokens, "key", 16, 0.1, "corpus", eot=eot, seed=8)
+    assert torch.equal(again.val, splits.val) and not torch.equal(other.val, splits.val), "seeded"
+    one = split(tokens[:-1], "key", 16, 0.1, "corpus", eot=None)  # no document boundaries: the last tokens
+    assert torch.equal(one.val, torch.from_numpy(tokens[-len(one.val) - 1:-1].astype(np.int64)))
+
+
+def _documents(ids: list[int], eot: int) -> list[tuple[int, ...]]:
+    out, current = [], []
+    for t in ids:
+        current.append(t)
+        if t == eot:
+            out.append(tuple(current))
+            current = []
+    return out
+
+
+def test_a_cpu_run_with_weights_picks_sizes_that_give_a_step_in_seconds(checkpoint, corpus, tmp_path, capsys):
+    run(config(checkpoint, corpus, tmp_path, max_steps=2, batch_size=None, seq_len=None, sample_tokens=0))
+    printed = capsys.readouterr().out
+    assert ("on a CPU: --batch-size 4 --seq-len 64 (a GPU run's default is 8 x 64), so that a step takes seconds rather "
+            "than minutes; pass them to choose") in printed
+    saved = torch.load(tmp_path / "out" / "checkpoint.pt", weights_only=False, mmap=True)["finetune_config"]
+    assert (saved["batch_size"], saved["seq_len"]) == (4, 64)
+    run(config(checkpoint, corpus, tmp_path, max_steps=3, batch_size=None, seq_len=None, sample_tokens=0, resume=True))
+    assert "on a CPU" not in capsys.readouterr().out, "a resumed run keeps its own sizes"
+    assert [m["step"] for m in read_metrics(tmp_path / "out")] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("command", ["finetune", "evaluate", "generate"])
+def test_help_is_instant_with_one_default_per_flag_and_every_choice(command):
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-X", "importtime", "-m", f"fastlm.{command}", "--help"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    seconds = time.perf_counter() - start
+    assert done.returncode == 0, done.stderr[-2000:]
+    imported = {line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")}
+    assert not imported & {"torch", "triton", "numpy", "kernels"}, "--help imports nothing heavy"
+    assert seconds < 2.0, f"--help took {seconds:.1f} s"
+    text = " ".join(done.stdout.split())
+    entries = text.split(" --")[1:]
+    assert entries and all(entry.count("default") <= 1 for entry in entries), [e for e in entries if e.count("default") > 1]
+    assert "--backend {auto,triton,torch}" in text
+    assert ("--dtype {auto,float32,bfloat16,float16}" if command == "generate" else "--autocast {auto,bfloat16,off}") in text
+    if command != "finetune":
+        assert "[--weights WEIGHTS]" not in text and "--weights WEIGHTS" in text, "required: shown without brackets"

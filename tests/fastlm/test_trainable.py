@@ -6,6 +6,7 @@ import torch
 from safetensors.torch import load_file
 
 import fastlm.finetune as finetune
+import fastlm.training as training
 import fastlm.progress
 from fastlm import GPT, GPTConfig
 from fastlm.trainable import choose_trainable
@@ -90,7 +91,7 @@ def test_lora_merged_model_and_peft_adapters(checkpoint, corpus, tmp_path):
 def test_lora_resume_equals_uninterrupted(checkpoint, corpus, tmp_path, monkeypatch):
     lora = dict(lora_rank=2, lora_targets="c_attn", lr=1e-2, **SHORT)
     finetune.run(config(checkpoint, corpus, tmp_path / "a", **lora))
-    with signalled_after(2, monkeypatch), pytest.raises(finetune.Stopped):
+    with signalled_after(2, monkeypatch), pytest.raises(training.Stopped):
         finetune.run(config(checkpoint, corpus, tmp_path / "b", **lora))
     with pytest.raises(ValueError, match="--lora-rank is 3 but the checkpoint was trained with 2"):
         finetune.run(config(checkpoint, corpus, tmp_path / "b", resume=True, **{**lora, "lora_rank": 3}))
@@ -114,7 +115,7 @@ def test_without_matplotlib_the_run_says_how_to_get_the_plot(checkpoint, corpus,
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
     finetune.run(config(checkpoint, corpus, tmp_path, **SHORT))
     assert not (tmp_path / "out" / "loss.png").exists()
-    assert capsys.readouterr().err.count("pip install 'fastlm[plot]'") == 1
+    assert capsys.readouterr().out.count("pip install 'fastlm[plot]'") == 1
 
 
 def test_overwrite_removes_the_earlier_runs_adapters(checkpoint, corpus, tmp_path):
