@@ -68,7 +68,8 @@ try:
     from transformers.modeling_outputs import CausalLMOutputWithPast
     from transformers.utils import ModelOutput
 except ImportError as e:  # pragma: no cover - exercised only without transformers
-    raise ImportError("fastlm.hf patches transformers models and needs transformers: pip install 'transformers>=5.17,<5.25'") from e
+    raise ImportError("fastlm.hf patches transformers models and needs transformers: "
+                      "pip install 'transformers>=5.17,<5.25'") from e
 
 __all__ = ["SUPPORTED", "TESTED_VERSIONS", "attention_path", "patch"]
 

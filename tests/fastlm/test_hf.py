@@ -37,7 +37,7 @@ def make(arch: str, n_layer: int = 2, seed: int = 0, **overrides) -> transformer
                         num_key_value_heads=2, head_dim=8, vocab_size=V, max_position_embeddings=64,
                         bos_token_id=0, eos_token_id=0, pad_token_id=0, tie_word_embeddings=arch == "qwen3",
                         **overrides)
-    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    model = transformers.AutoModelForCausalLM.from_config(config).to(DEVICE).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("bias") or "norm" in name or ".ln_" in name:
@@ -56,7 +56,7 @@ def batch(B=2, T=11, seed=1):
     x = torch.randint(1, V, (B, T), generator=g)  # token 0 is bos, eos and pad
     labels = x.clone()
     labels[0, :3] = -100  # a prompt that is not trained on
-    return x, labels
+    return x.to(DEVICE), labels.to(DEVICE)
 
 
 # -----------------------------------------------------------------------------
@@ -153,9 +153,9 @@ def test_autocast_training(arch):
     x, labels = batch(T=8)
     results = []
     for model, autocast in ((patched, True), (ref, True), (ref64, False)):
-        model.to(DEVICE).train()
+        model.train()
         with torch.autocast(DEVICE.type, dtype=dtype, enabled=autocast), hf.attention_path() as path:
-            out = model(x.to(DEVICE), labels=labels.to(DEVICE))
+            out = model(x, labels=labels)
         out.loss.backward()
         results.append((out.loss, path, {n: p.grad for n, p in model.named_parameters()}))
     (loss, path, grads), (eager, _, eager_grads), (expected, _, expected_grads) = results
@@ -170,8 +170,8 @@ def test_fused_loss_matches_transformers_loss_function():
     from transformers.loss.loss_utils import ForCausalLMLoss
 
     torch.manual_seed(0)
-    hidden, head = torch.randn(3, 7, 16), torch.nn.Linear(16, V)  # the kernels take fp32/fp16/bf16
-    labels = torch.randint(0, V, (3, 7))
+    hidden, head = torch.randn(3, 7, 16, device=DEVICE), torch.nn.Linear(16, V, device=DEVICE)  # fp32: no fp64 kernels
+    labels = torch.randint(0, V, (3, 7), device=DEVICE)
     labels[1, 2:5] = 7
     logits = head(hidden)
     for kwargs in ({}, {"ignore_index": 7}, {"num_items_in_batch": torch.tensor(11)}, {"num_items_in_batch": 5},
@@ -193,7 +193,7 @@ def test_padded_and_packed_batches_take_sdpa_with_the_mask(arch):
     mask[1, -2:] = 0  # right padding
     cases = {"all-ones mask": {"attention_mask": torch.ones_like(x)}, "padded": {"attention_mask": mask},
              # transformers looks for restarting position_ids only without a cache
-             "packed": {"position_ids": torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3, 4], [0, 1, 2, 3, 4, 5, 6, 7, 8]]),
+             "packed": {"position_ids": torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3, 4], list(range(9))], device=DEVICE),
                         "use_cache": False}}
     for case, kwargs in cases.items():
         with torch.no_grad():
@@ -257,15 +257,16 @@ def test_generate_gives_the_same_greedy_tokens(arch):
 def test_trainer_three_steps_give_the_unpatched_losses(arch, tmp_path, monkeypatch):
     x, labels = batch(B=8, T=8, seed=2)
     labels[4:, :2] = -100
-    data = [{"input_ids": x[i], "labels": labels[i]} for i in range(8)]
+    data = [{"input_ids": x[i].cpu(), "labels": labels[i].cpu()} for i in range(8)]
     seen = []
     real_loss = hf.causal_lm_loss
-    monkeypatch.setattr(hf, "causal_lm_loss", lambda *a, **kw: seen.append(kw.get("num_items_in_batch")) or real_loss(*a, **kw))
+    spy = lambda *a, **kw: seen.append(kw.get("num_items_in_batch")) or real_loss(*a, **kw)  # noqa: E731
+    monkeypatch.setattr(hf, "causal_lm_loss", spy)
 
     def run(model):
         args = transformers.TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=3, per_device_train_batch_size=2,
                                               gradient_accumulation_steps=2, learning_rate=1e-2, logging_steps=1,
-                                              save_strategy="no", report_to=[], use_cpu=True, seed=0,
+                                              save_strategy="no", report_to=[], use_cpu=DEVICE.type == "cpu", seed=0,
                                               disable_tqdm=True, lr_scheduler_type="constant")
         trainer = transformers.Trainer(model=model, args=args, train_dataset=data)
         trainer.train()
@@ -365,13 +366,14 @@ def test_rms_norm_keeps_llamas_numerics(kernel_cast, monkeypatch):
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
     torch.manual_seed(0)
-    for x_dtype, w_dtype in ((torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16)):
-        norm = LlamaRMSNorm(48, eps=1e-5).to(w_dtype)
+    dtypes = ((torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16))
+    for x_dtype, w_dtype in dtypes:
+        norm = LlamaRMSNorm(48, eps=1e-5).to(DEVICE, w_dtype)
         with torch.no_grad():
             norm.weight.normal_(1.0, 0.5)
         patched, norm64 = copy.deepcopy(norm), copy.deepcopy(norm).double()
         assert hf._patch_norms(patched, "LlamaRMSNorm") == 1
-        x = (torch.randn(3, 5, 48) * 4).to(x_dtype).requires_grad_()
+        x = (torch.randn(3, 5, 48, device=DEVICE) * 4).to(x_dtype).requires_grad_()
         out, eager = patched(x), norm(x)
         assert out.dtype == eager.dtype  # promoted with the weight, as Llama's `weight * y.to(x.dtype)` is
         xd = x.detach().double().requires_grad_()
