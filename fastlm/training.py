@@ -46,7 +46,7 @@ from fastlm import distributed, lora, weights
 from fastlm.config import GPTConfig
 from fastlm.data import Splits, eval_windows, random_windows, read_documents, split, tokenize
 from fastlm.distributed import Parallel, World
-from fastlm.finetune import FinetuneConfig, validate
+from fastlm.finetune_config import FinetuneConfig, validate
 from fastlm.model import GPT
 from fastlm.progress import Progress, plot_losses, read_metrics, write_metrics
 from fastlm.runtime import StopSignals, autocast_dtype, check_backend, resolve_device, sequence_length
