@@ -173,8 +173,9 @@ class _Recorder:
 
 
 @contextlib.contextmanager
-def _recording(sms: int):
-    """Within: launching a kernel of kernels/ records it, and meta tensors run the custom ops' real code."""
+def _recording(sms: int, arch: int):
+    """Within: launching a kernel of kernels/ records it, and meta tensors run the custom ops' real code (a launcher
+    that picks its tiles by `device_capability(device)` is told the arch being compiled for)."""
     import torch
     from triton.runtime.jit import JITFunction
 
@@ -194,7 +195,7 @@ def _recording(sms: int):
             elif type(value).__name__ == "CustomOpDef" and value._init_fn is not None:
                 patch(value, "_abstract_fn", value._init_fn)  # meta tensors run the real launcher
         replacements = {"use_triton": lambda *a, **k: True, "check_triton_device": lambda *a, **k: None,
-                        "num_programs": lambda device, per_sm=2: per_sm * sms}
+                        "num_programs": lambda device, per_sm=2: per_sm * sms, "device_capability": lambda device: arch}
         for attr, value in replacements.items():
             if attr in vars(module):
                 patch(module, attr, value)
@@ -294,7 +295,7 @@ def fastlm_cases() -> list[tuple[str, Callable[[], str]]]:
 def record_launches(arch: int, only: str | None = None) -> tuple[list[Launch], dict[str, str]]:
     """Every launch of every case, and how each case made its inputs."""
     notes = {}
-    with _recording(ARCHS[arch]["sms"]) as (recorded, current):
+    with _recording(ARCHS[arch]["sms"], arch) as (recorded, current):
         for case, run in fastlm_cases():
             if only and not re.search(only, case):
                 continue

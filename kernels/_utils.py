@@ -39,7 +39,10 @@ except ImportError:  # macOS, Windows, or a minimal install: only the PyTorch pa
 
     triton = tl = _TritonStub()
 
-__all__ = ["HAS_TRITON", "triton", "tl", "interpreting", "device_runs_triton", "use_triton", "check_triton_device", "num_programs"]
+__all__ = ["HAS_TRITON", "triton", "tl", "interpreting", "device_runs_triton", "use_triton", "check_triton_device", "num_programs",
+           "needs_int64_columns"]
+
+INT32_MAX = 2**31 - 1
 
 
 def interpreting() -> bool:
@@ -79,3 +82,9 @@ def num_programs(device: torch.device, per_sm: int = 2) -> int:
     if device.type == "cuda":
         return per_sm * torch.cuda.get_device_properties(device).multi_processor_count
     return 4
+
+
+def needs_int64_columns(n_cols: int, *strides: int) -> bool:
+    """Whether a kernel's column term (col * stride, col < n_cols) can pass int32 for one of these strides: the
+    host then compiles the kernel's COL_INT64 variant, and the common case keeps 32-bit offset math."""
+    return any((n_cols - 1) * abs(s) > INT32_MAX for s in strides)

@@ -32,16 +32,41 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kernels._utils import check_triton_device, num_programs, tl, triton, use_triton
+from kernels._utils import check_triton_device, needs_int64_columns, num_programs, tl, triton, use_triton
 
-# Widest row kept whole in registers (16 warps, no register spills on sm_80/sm_90: see the AOT test);
-# wider rows loop over COLUMN_BLOCK-wide blocks. Backward holds x, dy, w and two accumulators, so less.
+# Widest row kept whole in registers (no register spills on sm_80/sm_90: see the AOT test); wider rows loop over
+# COLUMN_BLOCK-wide blocks. Backward holds x, dy, w and two accumulators, so less.
 MAX_FUSED_N = {"forward": 16384, "backward": 4096}
 COLUMN_BLOCK = 4096
-ROW_TILE = 2048  # narrow rows are packed BLOCK_M to a program, up to this many elements
+# A program's tile: narrow rows are packed BLOCK_M to a tile of up to ROW_TILE elements, and each thread holds
+# ELEMENTS_PER_THREAD of them. Few threads per row keep the per-row reductions (shuffles, a shared-memory round)
+# and the per-row bookkeeping small beside the elementwise work; the backward's accumulators need the registers.
+ROW_TILE = {"forward": 2048, "backward": 1024}
+ELEMENTS_PER_THREAD = {"forward": 32, "backward": 16}
+# Triton spreads a narrow tile's threads along its columns, so each thread holds state for every row of the tile
+# (row pointers, statistics; the backward carries them through its loop): at most this many rows a tile.
+MAX_ROWS = {"forward": 8, "backward": 4}
+BACKWARD_WARPS_PER_SM = 16  # the backward's persistent grid: enough resident warps to keep loads in flight
 
 
 # -----------------------------------------------------------------------------
+@triton.jit
+def _col_offsets(cols, stride, COL_INT64: tl.constexpr):
+    """cols * stride, in int64 when the host says the column term can pass 2^31 (huge column strides)."""
+    if COL_INT64:
+        return cols.to(tl.int64) * stride
+    else:
+        return cols * stride
+
+
+@triton.jit
+def _tile_mask(row_mask, cols, N, EVEN_N: tl.constexpr):
+    if EVEN_N:  # every column is real: only rows are masked, so loads and stores stay whole vectors
+        return row_mask[:, None]
+    else:
+        return row_mask[:, None] & (cols < N)[None, :]
+
+
 @triton.jit
 def _norm_fwd_kernel(
     X, R, Y, H, W, B,             # pointers: input, residual (M, N) strided; output, sum x + r (M, N) contiguous; weight, bias
@@ -51,9 +76,11 @@ def _norm_fwd_kernel(
     M, N, eps,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SINGLE_PASS: tl.constexpr,    # BLOCK_N >= N: the whole row lives in registers
+    EVEN_N: tl.constexpr,         # N is a multiple of BLOCK_N: no column masks
     IS_RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,   # normalise h = x + r (rounded to H's dtype) and write h
     CAST_BEFORE_WEIGHT: tl.constexpr,  # Llama: round (h - mean) * rstd to H's dtype before the weight multiplies
+    COL_INT64: tl.constexpr,      # column offsets (cols * stride) in int64
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < M
@@ -62,27 +89,41 @@ def _norm_fwd_kernel(
     R_rows = R + rows[:, None] * stride_rm
     Y_rows = Y + rows[:, None] * N
     H_rows = H + rows[:, None] * N
+    inv_n = 1.0 / N
     if SINGLE_PASS:
         cols = tl.arange(0, BLOCK_N)
-        mask = row_mask[:, None] & (cols < N)[None, :]
-        x = tl.load(X_rows + cols[None, :] * stride_xn, mask=mask, other=0.0).to(tl.float32)
+        mask = _tile_mask(row_mask, cols, N, EVEN_N)
+        x = tl.load(X_rows + _col_offsets(cols, stride_xn, COL_INT64)[None, :], mask=mask, other=0.0).to(tl.float32)
         if HAS_RESIDUAL:
-            h = (x + tl.load(R_rows + cols[None, :] * stride_rn, mask=mask, other=0.0).to(tl.float32)).to(H.dtype.element_ty)
+            r = tl.load(R_rows + _col_offsets(cols, stride_rn, COL_INT64)[None, :], mask=mask, other=0.0)
+            h = (x + r.to(tl.float32)).to(H.dtype.element_ty)
             tl.store(H_rows + cols[None, :], h, mask=mask)
             x = h.to(tl.float32)
         if IS_RMS:
             mean = tl.zeros([BLOCK_M], dtype=tl.float32)
+            xc = x  # padding columns load as 0
         else:
-            mean = tl.sum(x, axis=1) / N
-        xc = tl.where(mask, x - mean[:, None], 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / N + eps)
+            mean = tl.sum(x, axis=1) * inv_n
+            xc = x - mean[:, None]
+            if not EVEN_N:
+                xc = tl.where(mask, xc, 0.0)
+        rstd = tl.math.rsqrt(tl.sum(xc * xc, axis=1) * inv_n + eps)
         y = xc * rstd[:, None]
         if CAST_BEFORE_WEIGHT:
             y = y.to(H.dtype.element_ty).to(tl.float32)
         if HAS_WEIGHT:
-            y = y * tl.load(W + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
-        if HAS_BIAS:
-            y = y + tl.load(B + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+            if EVEN_N:
+                w = tl.load(W + cols)
+            else:
+                w = tl.load(W + cols, mask=cols < N, other=0.0)
+            if HAS_BIAS:
+                if EVEN_N:
+                    b = tl.load(B + cols)
+                else:
+                    b = tl.load(B + cols, mask=cols < N, other=0.0)
+                y = y * w.to(tl.float32)[None, :] + b.to(tl.float32)[None, :]
+            else:
+                y = y * w.to(tl.float32)[None, :]
         tl.store(Y_rows + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
     else:
         # Pass 1: per-block mean and M2, merged across blocks (Chan et al.), stable for large means; h is written.
@@ -90,10 +131,11 @@ def _norm_fwd_kernel(
         m2 = tl.zeros([BLOCK_M], dtype=tl.float32)
         for start in range(0, N, BLOCK_N):
             cols = start + tl.arange(0, BLOCK_N)
-            mask = row_mask[:, None] & (cols < N)[None, :]
-            x = tl.load(X_rows + cols[None, :] * stride_xn, mask=mask, other=0.0).to(tl.float32)
+            mask = _tile_mask(row_mask, cols, N, EVEN_N)
+            x = tl.load(X_rows + _col_offsets(cols, stride_xn, COL_INT64)[None, :], mask=mask, other=0.0).to(tl.float32)
             if HAS_RESIDUAL:
-                h = (x + tl.load(R_rows + cols[None, :] * stride_rn, mask=mask, other=0.0).to(tl.float32)).to(H.dtype.element_ty)
+                r = tl.load(R_rows + _col_offsets(cols, stride_rn, COL_INT64)[None, :], mask=mask, other=0.0)
+                h = (x + r.to(tl.float32)).to(H.dtype.element_ty)
                 tl.store(H_rows + cols[None, :], h, mask=mask)
                 x = h.to(tl.float32)
             if IS_RMS:
@@ -102,20 +144,22 @@ def _norm_fwd_kernel(
                 n_seen = start * 1.0  # as fp32
                 n_block = tl.minimum(N - start, BLOCK_N) * 1.0
                 block_mean = tl.sum(x, axis=1) / n_block
-                xc = tl.where(mask, x - block_mean[:, None], 0.0)
+                xc = x - block_mean[:, None]
+                if not EVEN_N:
+                    xc = tl.where(mask, xc, 0.0)
                 delta = block_mean - mean
                 n_total = n_seen + n_block
                 mean += delta * (n_block / n_total)
                 m2 += tl.sum(xc * xc, axis=1) + delta * delta * (n_seen * n_block / n_total)
-        rstd = 1.0 / tl.sqrt(m2 / N + eps)
+        rstd = tl.math.rsqrt(m2 * inv_n + eps)
         # Pass 2: normalise (re-reading h, which this program wrote, when there is a residual).
         for start in range(0, N, BLOCK_N):
             cols = start + tl.arange(0, BLOCK_N)
-            mask = row_mask[:, None] & (cols < N)[None, :]
+            mask = _tile_mask(row_mask, cols, N, EVEN_N)
             if HAS_RESIDUAL:
                 x = tl.load(H_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
             else:
-                x = tl.load(X_rows + cols[None, :] * stride_xn, mask=mask, other=0.0).to(tl.float32)
+                x = tl.load(X_rows + _col_offsets(cols, stride_xn, COL_INT64)[None, :], mask=mask, other=0.0).to(tl.float32)
             y = (x - mean[:, None]) * rstd[:, None]
             if CAST_BEFORE_WEIGHT:
                 y = y.to(H.dtype.element_ty).to(tl.float32)
@@ -137,49 +181,62 @@ def _norm_bwd_kernel(
     stride_dym, stride_dyn, stride_xm, stride_xn,
     M, N,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE_PASS: tl.constexpr,
+    EVEN_N: tl.constexpr,         # N is a multiple of BLOCK_N: no column masks
     IS_RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr,
     COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,  # only the parameter gradients that are needed
     HAS_DH: tl.constexpr, STORE_DX2: tl.constexpr,
     CAST_BEFORE_WEIGHT: tl.constexpr,  # dW from xhat rounded to X's dtype, as the forward multiplied it
+    COL_INT64: tl.constexpr,      # column offsets (cols * stride) in int64
 ):
+    # Padding columns and rows load x = dy = 0, so they add nothing to c1, c2, dW or dB: no masking of values.
     pid = tl.program_id(0)
+    partial_row = pid.to(tl.int64) * N
     num_row_blocks = tl.cdiv(M, BLOCK_M)
+    inv_n = 1.0 / N
     if SINGLE_PASS:
         cols = tl.arange(0, BLOCK_N)
-        col_mask = cols < N
+        x_cols = _col_offsets(cols, stride_xn, COL_INT64)[None, :]
+        dy_cols = _col_offsets(cols, stride_dyn, COL_INT64)[None, :]
         if HAS_WEIGHT:
-            w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
-        dw_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-        db_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+            if EVEN_N:
+                w = tl.load(W + cols).to(tl.float32)
+            else:
+                w = tl.load(W + cols, mask=cols < N, other=0.0).to(tl.float32)
+        # Per-row partial sums, reduced over rows once at the end: no cross-warp reduction per iteration.
+        dw_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        db_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    # Row pointers advance by a fixed int64 step (no 64-bit multiply per row); offsets within a block stay small.
+    block_rows = (pid * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)[:, None]
+    step = tl.num_programs(0).to(tl.int64) * BLOCK_M
+    X_rows = X + block_rows * stride_xm
+    DY_rows = DY + block_rows * stride_dym
+    DH_rows = DH + block_rows * N
+    DX_rows = DX + block_rows * N
+    DX2_rows = DX2 + block_rows * N
     for row_block in range(pid, num_row_blocks, tl.num_programs(0)):
         rows = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
         row_mask = rows < M
-        rows = rows.to(tl.int64)
         rstd = tl.load(Rstd + rows, mask=row_mask, other=0.0)
         if IS_RMS:
-            mean = tl.zeros([BLOCK_M], dtype=tl.float32)
+            mean_rstd = tl.zeros([BLOCK_M], dtype=tl.float32)
         else:
-            mean = tl.load(Mean + rows, mask=row_mask, other=0.0)
-        X_rows = X + rows[:, None] * stride_xm
-        DY_rows = DY + rows[:, None] * stride_dym
-        DH_rows = DH + rows[:, None] * N
-        DX_rows = DX + rows[:, None] * N
-        DX2_rows = DX2 + rows[:, None] * N
+            mean_rstd = tl.load(Mean + rows, mask=row_mask, other=0.0) * rstd
         if SINGLE_PASS:
-            mask = row_mask[:, None] & col_mask[None, :]
-            x = tl.load(X_rows + cols[None, :] * stride_xn, mask=mask, other=0.0).to(tl.float32)
-            dy = tl.load(DY_rows + cols[None, :] * stride_dyn, mask=mask, other=0.0).to(tl.float32)
-            xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+            mask = _tile_mask(row_mask, cols, N, EVEN_N)
+            x = tl.load(X_rows + x_cols, mask=mask, other=0.0).to(tl.float32)
+            dy = tl.load(DY_rows + dy_cols, mask=mask, other=0.0).to(tl.float32)
+            xhat = x * rstd[:, None] - mean_rstd[:, None]
             if HAS_WEIGHT:
                 g = dy * w[None, :]
             else:
                 g = dy
-            c1 = tl.sum(g * xhat, axis=1) / N
+            # dx = rstd * (g - xhat * c1 - c2) with c1 = mean(g * xhat), c2 = mean(g): two FMAs per element
+            a = tl.sum(g * xhat, axis=1) * (inv_n * rstd)
             if IS_RMS:
-                dx = (g - xhat * c1[:, None]) * rstd[:, None]
+                dx = g * rstd[:, None] - xhat * a[:, None]
             else:
-                c2 = tl.sum(g, axis=1) / N
-                dx = (g - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
+                b = tl.sum(g, axis=1) * (inv_n * rstd)
+                dx = g * rstd[:, None] - (xhat * a[:, None] + b[:, None])
             if HAS_DH:
                 dx += tl.load(DH_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
             tl.store(DX_rows + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
@@ -188,38 +245,38 @@ def _norm_bwd_kernel(
             if COMPUTE_DW:
                 if CAST_BEFORE_WEIGHT:
                     xhat = xhat.to(X.dtype.element_ty).to(tl.float32)
-                dw_acc += tl.sum(dy * xhat, axis=0)
+                dw_acc += dy * xhat
             if COMPUTE_DB:
-                db_acc += tl.sum(dy, axis=0)
+                db_acc += dy
         else:
             c1 = tl.zeros([BLOCK_M], dtype=tl.float32)
             c2 = tl.zeros([BLOCK_M], dtype=tl.float32)
             for start in range(0, N, BLOCK_N):
                 cols = start + tl.arange(0, BLOCK_N)
-                mask = row_mask[:, None] & (cols < N)[None, :]
-                x = tl.load(X_rows + cols[None, :] * stride_xn, mask=mask, other=0.0).to(tl.float32)
-                dy = tl.load(DY_rows + cols[None, :] * stride_dyn, mask=mask, other=0.0).to(tl.float32)
-                xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+                mask = _tile_mask(row_mask, cols, N, EVEN_N)
+                x = tl.load(X_rows + _col_offsets(cols, stride_xn, COL_INT64)[None, :], mask=mask, other=0.0).to(tl.float32)
+                dy = tl.load(DY_rows + _col_offsets(cols, stride_dyn, COL_INT64)[None, :], mask=mask, other=0.0).to(tl.float32)
+                xhat = x * rstd[:, None] - mean_rstd[:, None]
                 if HAS_WEIGHT:
                     dy = dy * tl.load(W + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
                 c1 += tl.sum(dy * xhat, axis=1)
                 c2 += tl.sum(dy, axis=1)
-            c1 = c1 / N
-            c2 = c2 / N
+            a = c1 * (inv_n * rstd)
+            b = c2 * (inv_n * rstd)
             for start in range(0, N, BLOCK_N):
                 cols = start + tl.arange(0, BLOCK_N)
-                mask = row_mask[:, None] & (cols < N)[None, :]
-                x = tl.load(X_rows + cols[None, :] * stride_xn, mask=mask, other=0.0).to(tl.float32)
-                dy = tl.load(DY_rows + cols[None, :] * stride_dyn, mask=mask, other=0.0).to(tl.float32)
-                xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+                mask = _tile_mask(row_mask, cols, N, EVEN_N)
+                x = tl.load(X_rows + _col_offsets(cols, stride_xn, COL_INT64)[None, :], mask=mask, other=0.0).to(tl.float32)
+                dy = tl.load(DY_rows + _col_offsets(cols, stride_dyn, COL_INT64)[None, :], mask=mask, other=0.0).to(tl.float32)
+                xhat = x * rstd[:, None] - mean_rstd[:, None]
                 if HAS_WEIGHT:
                     g = dy * tl.load(W + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
                 else:
                     g = dy
                 if IS_RMS:
-                    dx = (g - xhat * c1[:, None]) * rstd[:, None]
+                    dx = g * rstd[:, None] - xhat * a[:, None]
                 else:
-                    dx = (g - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
+                    dx = g * rstd[:, None] - (xhat * a[:, None] + b[:, None])
                 if HAS_DH:
                     dx += tl.load(DH_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
                 tl.store(DX_rows + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
@@ -229,26 +286,32 @@ def _norm_bwd_kernel(
                 if COMPUTE_DW:
                     if CAST_BEFORE_WEIGHT:
                         xhat = xhat.to(X.dtype.element_ty).to(tl.float32)
-                    partial = DW_partial + pid * N + cols
+                    partial = DW_partial + partial_row + cols
                     tl.store(partial, tl.load(partial, mask=cols < N) + tl.sum(dy * xhat, axis=0), mask=cols < N)
                 if COMPUTE_DB:
-                    partial = DB_partial + pid * N + cols
+                    partial = DB_partial + partial_row + cols
                     tl.store(partial, tl.load(partial, mask=cols < N) + tl.sum(dy, axis=0), mask=cols < N)
+        X_rows += step * stride_xm
+        DY_rows += step * stride_dym
+        DH_rows += step * N
+        DX_rows += step * N
+        DX2_rows += step * N
     if SINGLE_PASS:
         if COMPUTE_DW:
-            tl.store(DW_partial + pid * N + cols, dw_acc, mask=col_mask)
+            tl.store(DW_partial + partial_row + cols, tl.sum(dw_acc, axis=0), mask=cols < N)
         if COMPUTE_DB:
-            tl.store(DB_partial + pid * N + cols, db_acc, mask=col_mask)
+            tl.store(DB_partial + partial_row + cols, tl.sum(db_acc, axis=0), mask=cols < N)
 
 
 # -----------------------------------------------------------------------------
 def launch_config(N: int, backward: bool = False) -> dict:
     """Block sizes and warps for rows of width N."""
-    single_pass = N <= MAX_FUSED_N["backward" if backward else "forward"]
+    direction = "backward" if backward else "forward"
+    single_pass = N <= MAX_FUSED_N[direction]
     block_n = triton.next_power_of_2(N) if single_pass else COLUMN_BLOCK
-    block_m = max(1, ROW_TILE // block_n) if single_pass else 1
-    num_warps = min(max(block_m * block_n // 256, 1), 32)
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, SINGLE_PASS=single_pass, num_warps=num_warps)
+    block_m = min(max(1, ROW_TILE[direction] // block_n), MAX_ROWS[direction]) if single_pass else 1
+    num_warps = min(max(block_m * block_n // (32 * ELEMENTS_PER_THREAD[direction]), 1), 16)
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, SINGLE_PASS=single_pass, EVEN_N=N % block_n == 0, num_warps=num_warps)
 
 
 def _dense(t: Tensor | None) -> Tensor | None:
@@ -273,6 +336,10 @@ def _norm_fwd(
     a residual), and fp32 mean and rstd per row. cast_before_weight: the normalised rows are rounded to the
     normalised input's dtype before the weight and bias apply (Hugging Face Llama's RMSNorm)."""
     check_triton_device("fastlm::layer_norm_fwd", x, weight, bias, residual)
+    return _launch_norm_fwd(x, weight, bias, residual, eps, is_rms, out_dtype, cast_before_weight)
+
+
+def _launch_norm_fwd(x, weight, bias, residual, eps, is_rms, out_dtype, cast_before_weight):
     weight, bias = _dense(weight), _dense(bias)  # the kernels index parameters as contiguous
     x2 = _as_rows(x)
     M, N = x2.shape
@@ -289,7 +356,7 @@ def _norm_fwd(
             x2, r2, y, x2 if residual is None else h, x2 if weight is None else weight, x2 if bias is None else bias,
             mean, rstd, x2.stride(0), x2.stride(1), r2.stride(0), r2.stride(1), M, N, eps,
             IS_RMS=is_rms, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
-            CAST_BEFORE_WEIGHT=cast_before_weight, **cfg,
+            CAST_BEFORE_WEIGHT=cast_before_weight, COL_INT64=needs_int64_columns(N, x2.stride(1), r2.stride(1)), **cfg,
         )
     return y, h, mean, rstd
 
@@ -313,6 +380,12 @@ def _norm_bwd(
     dx2_dtype, the same values in that dtype (else an empty tensor); then dweight and dbias, made only when asked
     for (grad_weight, grad_bias; an empty tensor otherwise, which autograd maps to None)."""
     check_triton_device("fastlm::layer_norm_bwd", dy, dh, x, weight)
+    return _launch_norm_bwd(dy, dh, x, weight, mean, rstd, is_rms, has_bias, grad_weight, grad_bias, dx2_dtype,
+                            cast_before_weight)
+
+
+def _launch_norm_bwd(dy, dh, x, weight, mean, rstd, is_rms, has_bias, grad_weight, grad_bias, dx2_dtype,
+                     cast_before_weight):
     weight = _dense(weight)
     x2, dy2 = _as_rows(x), _as_rows(dy)
     dh2 = None if dh is None else _as_rows(dh.contiguous())
@@ -320,7 +393,8 @@ def _norm_bwd(
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     dx2 = torch.empty(x.shape if dx2_dtype is not None else (0,), dtype=dx2_dtype or x.dtype, device=x.device)
     cfg = launch_config(N, backward=True)
-    programs = max(1, min(num_programs(x.device), triton.cdiv(M, cfg["BLOCK_M"])))
+    per_sm = max(1, BACKWARD_WARPS_PER_SM // cfg["num_warps"])
+    programs = max(1, min(num_programs(x.device, per_sm), triton.cdiv(M, cfg["BLOCK_M"])))
     compute_dw, compute_db = grad_weight and weight is not None, grad_bias and has_bias
     # Partials start at zero: programs with no rows, and the streaming path, rely on it.
     dw_partial = torch.zeros((programs, N) if compute_dw else (1,), dtype=torch.float32, device=x.device)
@@ -331,7 +405,8 @@ def _norm_bwd(
             dx if dx2_dtype is None else dx2, dw_partial, db_partial,
             dy2.stride(0), dy2.stride(1), x2.stride(0), x2.stride(1), M, N,
             IS_RMS=is_rms, HAS_WEIGHT=weight is not None, COMPUTE_DW=compute_dw, COMPUTE_DB=compute_db,
-            HAS_DH=dh is not None, STORE_DX2=dx2_dtype is not None, CAST_BEFORE_WEIGHT=cast_before_weight, **cfg,
+            HAS_DH=dh is not None, STORE_DX2=dx2_dtype is not None, CAST_BEFORE_WEIGHT=cast_before_weight,
+            COL_INT64=needs_int64_columns(N, x2.stride(1), dy2.stride(1)), **cfg,
         )
     param_dtype = x.dtype if weight is None else weight.dtype
     dw = dw_partial.sum(0).to(param_dtype) if compute_dw else x.new_empty(0, dtype=param_dtype)

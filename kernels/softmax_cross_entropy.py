@@ -26,44 +26,96 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kernels._utils import check_triton_device, tl, triton, use_triton
+from kernels._utils import check_triton_device, needs_int64_columns, tl, triton, use_triton
 
-MAX_BLOCK_V = 8192
+BLOCK_V = 4096         # logits per row block: a row of 50257 takes 13 blocks (6% padding in the last), 128256 takes 32
+VEC = 8                # logits each thread owns contiguously in a block: one 128-bit load of a 16-bit row
+ELEMENTS_PER_THREAD = 16
 REDUCTIONS = ("mean", "sum", "none")
+LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * LOG2E): one FMA and the hardware's ex2
+# The running max starts here, not at -inf, so that exp2(m - m_new) of a run that has only seen padding (-inf)
+# is exp2(0) rather than nan; FLOOR * LOG2E stays finite in fp32.
+FLOOR = tl.constexpr(-1.0e38)
 
 
 # -----------------------------------------------------------------------------
+# Each thread keeps a running max and sum for the VEC logits it owns in every row block, updated with in-thread
+# reductions only; the threads' partial results are merged once per row. A 16-byte aligned row (the fused head pads
+# its rows for that) is laid out [BLOCK_V // VEC, VEC], a thread owning contiguous runs read by vector loads; any
+# other row [VEC, BLOCK_V // VEC], a thread owning every T-th logit, read by coalesced scalar loads (laid out the
+# aligned way, Triton would spread each run over 8 threads and the reductions would need shuffles). Full blocks
+# load without masks; the last, partial block is masked on the real V, so padding columns are never read.
+
+@triton.jit
+def _col_offsets(cols, stride, COL_INT64: tl.constexpr):
+    """cols * stride, in int64 when the host says the column term can pass 2^31 (a huge column stride)."""
+    if COL_INT64:
+        return cols.to(tl.int64) * stride
+    else:
+        return cols * stride
+
+
+@triton.jit
+def _block_lanes(BLOCK_V: tl.constexpr, VEC: tl.constexpr, ALIGNED: tl.constexpr):
+    """Column offsets of a row block, [BLOCK_V // VEC, VEC] (aligned) or [VEC, BLOCK_V // VEC]; reduce over
+    axis 1 or 0 respectively to stay within a thread."""
+    if ALIGNED:
+        return tl.arange(0, BLOCK_V // VEC)[:, None] * VEC + tl.arange(0, VEC)[None, :]
+    else:
+        return tl.arange(0, VEC)[:, None] * (BLOCK_V // VEC) + tl.arange(0, BLOCK_V // VEC)[None, :]
+
+
+@triton.jit
+def _online_lse_update(m, s, x, AXIS: tl.constexpr):
+    """Merge a block x (natural units, fp32) into the per-thread running max m and sum s of exp(x - m)."""
+    m_new = tl.maximum(m, tl.max(x, axis=AXIS))
+    m_new_2 = m_new * LOG2E
+    s = s * tl.exp2(m * LOG2E - m_new_2) + tl.sum(tl.exp2(x * LOG2E - tl.expand_dims(m_new_2, AXIS)), axis=AXIS)
+    return m_new, s
+
+
 @triton.jit
 def _cross_entropy_fwd_kernel(
     Logits, Target,               # pointers: logits (N, V) strided, int targets (N,)
     Loss, Lse,                    # fp32 (N,): per-row loss, per-row log-sum-exp (kept for backward)
     stride_lm, stride_lv,         # logits strides
     V, ignore_index, label_smoothing, z_loss,
-    BLOCK_V: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+    BLOCK_V: tl.constexpr, VEC: tl.constexpr,
+    ALIGNED: tl.constexpr,        # rows start 16-byte aligned and are contiguous: vector loads
+    HAS_SMOOTHING: tl.constexpr,
+    COL_INT64: tl.constexpr,      # column offsets (cols * stride) in int64
 ):
+    AXIS: tl.constexpr = 1 if ALIGNED else 0
     row = tl.program_id(0).to(tl.int64)
-    target = tl.load(Target + row)
+    target = tl.load(Target + row).to(tl.int64)
     row_ptr = Logits + row * stride_lm
-    m = tl.full([], float("-inf"), tl.float32)  # running max
-    s = tl.zeros([], dtype=tl.float32)           # running sum of exp(x - m)
-    x_target = tl.zeros([], dtype=tl.float32)
-    x_sum = tl.zeros([], dtype=tl.float32)
-    for start in range(0, V, BLOCK_V):
-        cols = start + tl.arange(0, BLOCK_V)
-        x = tl.load(row_ptr + cols * stride_lv, mask=cols < V, other=float("-inf")).to(tl.float32)
-        m_new = tl.maximum(m, tl.max(x, axis=0))
-        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
-        m = m_new
-        x_target += tl.sum(tl.where(cols == target, x, 0.0), axis=0)
+    lanes = _block_lanes(BLOCK_V, VEC, ALIGNED)
+    m = tl.full([BLOCK_V // VEC], FLOOR, tl.float32)
+    s = tl.zeros([BLOCK_V // VEC], dtype=tl.float32)
+    x_sum = tl.zeros(lanes.shape, dtype=tl.float32)
+    full = (V // BLOCK_V) * BLOCK_V
+    for start in range(0, full, BLOCK_V):
+        x = tl.load(row_ptr + _col_offsets(start + lanes, stride_lv, COL_INT64)).to(tl.float32)
+        m, s = _online_lse_update(m, s, x, AXIS)
         if HAS_SMOOTHING:
-            x_sum += tl.sum(tl.where(cols < V, x, 0.0), axis=0)
-    lse = m + tl.log(s)
+            x_sum += x
+    if full < V:
+        cols = full + lanes
+        x = tl.load(row_ptr + _col_offsets(cols, stride_lv, COL_INT64), mask=cols < V, other=float("-inf")).to(tl.float32)
+        m, s = _online_lse_update(m, s, x, AXIS)
+        if HAS_SMOOTHING:
+            x_sum += tl.where(cols < V, x, 0.0)
+    m_row = tl.max(m, axis=0)
+    lse = m_row + tl.log(tl.sum(s * tl.exp2((m - m_row) * LOG2E), axis=0))
+    # The target logit is read once, not found by a reduction over the row.
+    valid = (target >= 0) & (target < V)
+    x_target = tl.load(row_ptr + target * stride_lv, mask=valid, other=0.0).to(tl.float32)
     loss = lse - (1.0 - label_smoothing) * x_target + z_loss * lse * lse
     if HAS_SMOOTHING:
-        loss -= label_smoothing * x_sum / V
+        loss -= label_smoothing * tl.sum(tl.sum(x_sum, axis=1), axis=0) / V
     ignored = target == ignore_index
     loss = tl.where(ignored, 0.0, loss)
-    loss = tl.where(ignored | ((target >= 0) & (target < V)), loss, float("nan"))
+    loss = tl.where(ignored | valid, loss, float("nan"))
     tl.store(Loss + row, loss)
     tl.store(Lse + row, lse)
 
@@ -73,27 +125,52 @@ def _cross_entropy_bwd_kernel(
     DLogits, Logits, Target, Lse, DLoss,  # pointers: grad out (N, V) (may equal Logits), logits, targets, fp32 lse, fp32 dloss
     stride_dm, stride_dv, stride_lm, stride_lv, stride_dloss,
     V, ignore_index, label_smoothing, z_loss,
-    BLOCK_V: tl.constexpr,
+    BLOCK_V: tl.constexpr, VEC: tl.constexpr,
+    ALIGNED: tl.constexpr,        # both rows start 16-byte aligned and are contiguous: vector loads and stores
+    COL_INT64: tl.constexpr,      # column offsets (cols * stride) in int64
 ):
+    # grad_j = dloss * (softmax_j * (1 + 2 z lse) - s / V) - dloss * (1 - s) * [j == t]: one FMA per logit; the
+    # target's extra term is written once, after the row.
     row = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
-    mask = cols < V
-    target = tl.load(Target + row)
+    target = tl.load(Target + row).to(tl.int64)
     lse = tl.load(Lse + row)
     dloss = tl.load(DLoss + row * stride_dloss).to(tl.float32)
     dloss = tl.where(target == ignore_index, 0.0, dloss)
-    x = tl.load(Logits + row * stride_lm + cols * stride_lv, mask=mask, other=0.0).to(tl.float32)
-    p = tl.exp(x - lse)
-    grad = p * (1.0 + 2.0 * z_loss * lse) - label_smoothing / V
-    grad = tl.where(cols == target, grad - (1.0 - label_smoothing), grad)
-    tl.store(DLogits + row * stride_dm + cols * stride_dv, (grad * dloss).to(DLogits.dtype.element_ty), mask=mask)
+    valid = (target >= 0) & (target < V)
+    in_row = Logits + row * stride_lm
+    out_row = DLogits + row * stride_dm
+    x_target = tl.load(in_row + target * stride_lv, mask=valid, other=0.0).to(tl.float32)  # before DLogits overwrites it
+    scale = dloss * (1.0 + 2.0 * z_loss * lse)
+    shift = -dloss * label_smoothing / V
+    lse_2 = lse * LOG2E
+    lanes = _block_lanes(BLOCK_V, VEC, ALIGNED)
+    full = (V // BLOCK_V) * BLOCK_V
+    for start in range(0, full, BLOCK_V):
+        x = tl.load(in_row + _col_offsets(start + lanes, stride_lv, COL_INT64)).to(tl.float32)
+        grad = tl.exp2(x * LOG2E - lse_2) * scale + shift
+        tl.store(out_row + _col_offsets(start + lanes, stride_dv, COL_INT64), grad.to(DLogits.dtype.element_ty))
+    if full < V:
+        cols = full + lanes
+        x = tl.load(in_row + _col_offsets(cols, stride_lv, COL_INT64), mask=cols < V, other=0.0).to(tl.float32)
+        grad = tl.exp2(x * LOG2E - lse_2) * scale + shift
+        tl.store(out_row + _col_offsets(cols, stride_dv, COL_INT64), grad.to(DLogits.dtype.element_ty), mask=cols < V)
+    # Every thread's store of the row is done (and visible) before the target's value replaces its entry.
+    tl.debug_barrier()
+    grad_target = tl.exp2(x_target * LOG2E - lse_2) * scale + shift - dloss * (1.0 - label_smoothing)
+    tl.store(out_row + target * stride_dv, grad_target.to(DLogits.dtype.element_ty), mask=valid)
 
 
 # -----------------------------------------------------------------------------
 def launch_config(V: int) -> dict:
     """Vocabulary block and warps for rows of V logits, shared by the forward and backward kernels."""
-    block_v = min(triton.next_power_of_2(V), MAX_BLOCK_V)
-    return dict(BLOCK_V=block_v, num_warps=min(max(block_v // 512, 1), 16))
+    block_v = max(VEC, min(triton.next_power_of_2(V), BLOCK_V))
+    return dict(BLOCK_V=block_v, VEC=VEC, num_warps=min(max(block_v // (32 * ELEMENTS_PER_THREAD), 1), 16))
+
+
+def rows_aligned(*tensors: Tensor) -> bool:
+    """Whether every row of these (N, V) tensors starts 16-byte aligned and is contiguous, as Triton's launcher sees
+    it (a 16-aligned pointer and a row stride divisible by 16): the kernels then use vector loads."""
+    return all(t.data_ptr() % 16 == 0 and t.stride(0) % 16 == 0 and t.stride(1) == 1 for t in tensors)
 
 
 def _launch_fwd(logits: Tensor, target: Tensor, ignore_index: int, label_smoothing: float, z_loss: float):
@@ -104,7 +181,8 @@ def _launch_fwd(logits: Tensor, target: Tensor, ignore_index: int, label_smoothi
     if N > 0:
         _cross_entropy_fwd_kernel[(N,)](
             logits, target, loss, lse, logits.stride(0), logits.stride(1),
-            V, ignore_index, label_smoothing, z_loss, HAS_SMOOTHING=label_smoothing > 0, **launch_config(V),
+            V, ignore_index, label_smoothing, z_loss, HAS_SMOOTHING=label_smoothing > 0,
+            ALIGNED=rows_aligned(logits), COL_INT64=needs_int64_columns(V, logits.stride(1)), **launch_config(V),
         )
     return loss, lse
 
@@ -115,9 +193,10 @@ def _launch_bwd(dloss: Tensor, logits: Tensor, target: Tensor, lse: Tensor, out:
     target = target.contiguous()
     cfg = launch_config(V)
     if N > 0:
-        _cross_entropy_bwd_kernel[(N, triton.cdiv(V, cfg["BLOCK_V"]))](
+        _cross_entropy_bwd_kernel[(N,)](
             out, logits, target, lse, dloss, out.stride(0), out.stride(1), logits.stride(0), logits.stride(1),
-            dloss.stride(0), V, ignore_index, label_smoothing, z_loss, **cfg,
+            dloss.stride(0), V, ignore_index, label_smoothing, z_loss,
+            ALIGNED=rows_aligned(logits, out), COL_INT64=needs_int64_columns(V, logits.stride(1), out.stride(1)), **cfg,
         )
     return out
 

@@ -7,6 +7,7 @@ subprocess, because the interpreter replaces the kernels in the test process its
 from __future__ import annotations
 
 import importlib
+import inspect
 import itertools
 import json
 import os
@@ -26,22 +27,27 @@ import kernels.softmax_cross_entropy as ce
 
 DTYPES = ["fp32", "fp16", "bf16"]
 DATA = "data"  # a pointer to the op's input dtype
-FLOAT_ARGS = {"eps", "label_smoothing", "z_loss"}
+FLOAT_ARGS = {"eps", "label_smoothing", "z_loss", "scale", "drop_scale"}
 # Specialisation as Triton's launcher does it for contiguous inputs: a stride of 1 becomes a constant, and
 # pointers (and, for attention, row strides: multiples of D) are known to be 16-aligned.
-UNIT_STRIDES = {"stride_xn", "stride_rn", "stride_dyn", "stride_lv", "stride_dv", "stride_qd", "stride_kd", "stride_vd", "stride_od", "stride_dod"}
+UNIT_STRIDES = {"stride_xn", "stride_rn", "stride_dyn", "stride_lv", "stride_dv", "stride_qd", "stride_kd", "stride_vd", "stride_od", "stride_dod",
+                "stride_dkd", "stride_dqd"}
 ALIGNED_INTS = {"stride_qb", "stride_qh", "stride_qt", "stride_kb", "stride_kh", "stride_ks", "stride_vb", "stride_vh",
-                "stride_vs", "stride_ob", "stride_oh", "stride_ot", "stride_dob", "stride_doh", "stride_dot"}
+                "stride_vs", "stride_ob", "stride_oh", "stride_ot", "stride_dob", "stride_doh", "stride_dot",
+                "stride_dkb", "stride_dkh", "stride_dks", "stride_dqb", "stride_dqh", "stride_dqt"}
 POINTERS = {
     "_norm_fwd_kernel": dict(X=DATA, R=DATA, Y=DATA, H=DATA, W=DATA, B=DATA, Mean="*fp32", Rstd="*fp32"),
     "_norm_bwd_kernel": dict(DY=DATA, X=DATA, W=DATA, Mean="*fp32", Rstd="*fp32", DH=DATA, DX=DATA, DX2=DATA,
                              DW_partial="*fp32", DB_partial="*fp32"),
     "_cross_entropy_fwd_kernel": dict(Logits=DATA, Target="*i64", Loss="*fp32", Lse="*fp32"),
     "_cross_entropy_bwd_kernel": dict(DLogits=DATA, Logits=DATA, Target="*i64", Lse="*fp32", DLoss="*fp32"),
-    "_attn_fwd_kernel": dict(Q=DATA, K=DATA, V=DATA, O=DATA, Lse="*fp32"),
-    "_attn_bwd_preprocess_kernel": dict(O=DATA, DO=DATA, Delta="*fp32"),
-    "_attn_bwd_dkdv_kernel": dict(Q=DATA, K=DATA, V=DATA, DO=DATA, Lse="*fp32", Delta="*fp32", DK=DATA, DV=DATA),
-    "_attn_bwd_dq_kernel": dict(Q=DATA, K=DATA, V=DATA, DO=DATA, Lse="*fp32", Delta="*fp32", DQ=DATA),
+    "_attn_fwd_kernel": dict(Q=DATA, K=DATA, V=DATA, O=DATA, Lse="*fp32", CuSeqlensQ="*i32", CuSeqlensK="*i32", Seed="*i64"),
+    "_attn_bwd_preprocess_kernel": dict(O=DATA, DO=DATA, Delta="*fp32", CuSeqlensQ="*i32"),
+    "_attn_bwd_dkdv_kernel": dict(Q=DATA, K=DATA, V=DATA, DO=DATA, Lse="*fp32", Delta="*fp32", DK=DATA, DV=DATA,
+                                  CuSeqlensQ="*i32", CuSeqlensK="*i32", Seed="*i64"),
+    "_attn_bwd_dq_kernel": dict(Q=DATA, K=DATA, V=DATA, DO=DATA, Lse="*fp32", Delta="*fp32", DQ=DATA,
+                                CuSeqlensQ="*i32", CuSeqlensK="*i32", Seed="*i64"),
+    "_dropout_mask_kernel": dict(Mask="*i8", Seed="*i64"),
 }
 TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
@@ -52,18 +58,20 @@ def norm_specs():
     width classes of GPT-2's sizes and a streaming one."""
     widths = [2**k for k in range(15)] + [ln.MAX_FUSED_N["forward"] + 1]
     affine = [dict(IS_RMS=False, HAS_WEIGHT=True), dict(IS_RMS=True, HAS_WEIGHT=True), dict(IS_RMS=False, HAS_WEIGHT=False)]
-    forward = [{**a, "HAS_BIAS": a["HAS_WEIGHT"] and not a["IS_RMS"], "HAS_RESIDUAL": False, "CAST_BEFORE_WEIGHT": False}
-               for a in affine]
+    forward = [{**a, "HAS_BIAS": a["HAS_WEIGHT"] and not a["IS_RMS"], "HAS_RESIDUAL": False, "CAST_BEFORE_WEIGHT": False,
+                "COL_INT64": False} for a in affine]
     backward = [{**a, "COMPUTE_DW": a["HAS_WEIGHT"], "COMPUTE_DB": a["HAS_WEIGHT"] and not a["IS_RMS"],
-                 "HAS_DH": False, "STORE_DX2": False, "CAST_BEFORE_WEIGHT": False} for a in affine]
+                 "HAS_DH": False, "STORE_DX2": False, "CAST_BEFORE_WEIGHT": False, "COL_INT64": False} for a in affine]
     mixed_fwd = dict(IS_RMS=False, HAS_WEIGHT=True, HAS_BIAS=True, HAS_RESIDUAL=True, CAST_BEFORE_WEIGHT=False,
-                     _pointers=dict(R="*fp32", H="*fp32"))
+                     COL_INT64=False, _pointers=dict(R="*fp32", H="*fp32"))
     mixed_bwd = dict(IS_RMS=False, HAS_WEIGHT=True, COMPUTE_DW=True, COMPUTE_DB=True, HAS_DH=True, STORE_DX2=True,
-                     CAST_BEFORE_WEIGHT=False, _pointers=dict(DY="*{dtype}", X="*fp32", DH="*fp32", DX="*fp32", DX2="*{dtype}"))
+                     CAST_BEFORE_WEIGHT=False, COL_INT64=False,
+                     _pointers=dict(DY="*{dtype}", X="*fp32", DH="*fp32", DX="*fp32", DX2="*{dtype}"))
     # Llama's RMSNorm (cast_before_weight): a 16-bit model, and 16-bit activations with an fp32 weight (fp32 output).
-    llama_fwd = dict(IS_RMS=True, HAS_WEIGHT=True, HAS_BIAS=False, HAS_RESIDUAL=False, CAST_BEFORE_WEIGHT=True)
+    llama_fwd = dict(IS_RMS=True, HAS_WEIGHT=True, HAS_BIAS=False, HAS_RESIDUAL=False, CAST_BEFORE_WEIGHT=True,
+                     COL_INT64=False)
     llama_bwd = dict(IS_RMS=True, HAS_WEIGHT=True, COMPUTE_DW=True, COMPUTE_DB=False, HAS_DH=False, STORE_DX2=False,
-                     CAST_BEFORE_WEIGHT=True)
+                     CAST_BEFORE_WEIGHT=True, COL_INT64=False)
     llama_fp32_weight = {"_norm_fwd_kernel": dict(W="*fp32", Y="*fp32"), "_norm_bwd_kernel": dict(W="*fp32", DY="*fp32")}
     for kernel, backward_pass, flags, mixed, llama in [(ln._norm_fwd_kernel, False, forward, mixed_fwd, llama_fwd),
                                                        (ln._norm_bwd_kernel, True, backward, mixed_bwd, llama_bwd)]:
@@ -77,34 +85,70 @@ def norm_specs():
         for cfg in sorted(llama_widths):
             yield kernel, "bf16", {**dict(cfg), **llama}
             yield kernel, "fp16", {**dict(cfg), **llama, "_pointers": dict(llama_fp32_weight[kernel.__name__])}
+        # int64 column offsets (a column stride past 2^31 / N), with strided columns, at a narrow, a wide and a
+        # streaming width
+        for n, dtype in itertools.product((768, 4096, 16385), ("bf16", "fp32")):
+            yield kernel, dtype, {**ln.launch_config(n, backward_pass), **flags[0], "COL_INT64": True,
+                                  "_strided": ["stride_dyn", "stride_xn"] if backward_pass else ["stride_xn", "stride_rn"]}
 
 
 def cross_entropy_specs():
-    vocabs = [2**k for k in range(14)] + [ce.MAX_BLOCK_V + 1]
+    """Every block class, with rows 16-byte aligned (row strides divisible by 16: vector loads, the fused head's
+    padded buffer) and not (scalar loads, e.g. V = 50257 contiguous); the int64 column offsets at GPT-2's config."""
+    vocabs = [2**k for k in range(14)] + [ce.BLOCK_V + 1]
     configs = {tuple(sorted(ce.launch_config(v).items())) for v in vocabs}
-    for cfg, dtype in itertools.product(sorted(configs), DTYPES):
-        for smoothing in (False, True):
-            yield ce._cross_entropy_fwd_kernel, dtype, {**dict(cfg), "HAS_SMOOTHING": smoothing}
-        yield ce._cross_entropy_bwd_kernel, dtype, dict(cfg)
+    aligned_rows = {"_cross_entropy_fwd_kernel": ["stride_lm"], "_cross_entropy_bwd_kernel": ["stride_lm", "stride_dm"]}
+    for cfg, dtype, aligned in itertools.product(sorted(configs), DTYPES, (True, False)):
+        flags = {**dict(cfg), "ALIGNED": aligned, "COL_INT64": False}
+        for kernel in (ce._cross_entropy_fwd_kernel, ce._cross_entropy_bwd_kernel):
+            spec = {**flags, "_divisible": aligned_rows[kernel.__name__] if aligned else []}
+            for smoothing in ((False, True) if kernel is ce._cross_entropy_fwd_kernel else (None,)):
+                yield kernel, dtype, spec if smoothing is None else {**spec, "HAS_SMOOTHING": smoothing}
+    gpt2 = {**ce.launch_config(50257), "ALIGNED": False, "COL_INT64": True, "_strided": ["stride_lv", "stride_dv"]}
+    for dtype in ("bf16", "fp32"):
+        yield ce._cross_entropy_fwd_kernel, dtype, {**gpt2, "HAS_SMOOTHING": True, "_strided": ["stride_lv"]}
+        yield ce._cross_entropy_bwd_kernel, dtype, {**gpt2, "_strided": list(gpt2["_strided"])}
 
 
-def attention_specs():
-    """Each head-dim class (powers of two and a padded one) and causal flag, for all four kernels, in bf16 and
-    fp32 (their tile tables differ); fp16 shares bf16's tiles and is compiled at GPT-2's head dim."""
+def attention_specs(arch: int):
+    """Every tile configuration the launcher picks on sm_<arch> (tile tables are per architecture): each head-dim
+    class (powers of two and a padded one) for all four kernels, in bf16 and fp32 (their tables differ; fp16 shares
+    bf16's and is compiled at GPT-2's head dim). Dropout, variable length and int64 offsets add code, not tiles: a
+    16-bit configuration compiles causal and plain, then non-causal with all three on; fp32 (slow to compile: FMA
+    loops) once, alternating the two. On sm_90 the forward reads through TMA descriptors where the launcher does
+    (16-bit, power-of-two head dims), and its pointer fallback compiles at GPT-2's head dims; the test-only dropout
+    mask kernel compiles once."""
     import torch
 
     kernels = {"fwd": attn._attn_fwd_kernel, "preprocess": attn._attn_bwd_preprocess_kernel,
                "dkdv": attn._attn_bwd_dkdv_kernel, "dq": attn._attn_bwd_dq_kernel}
+    plain = dict(CAUSAL=True, DROPOUT=False, IS_VARLEN=False, INT64=False)
+    flagged = dict(CAUSAL=False, DROPOUT=True, IS_VARLEN=True, INT64=True)
     cases = [*itertools.product([16, 32, 64, 80, 128, 256], ["bf16", "fp32"]), (64, "fp16")]
-    for head_dim, dtype in cases:
+    for i, (head_dim, dtype) in enumerate(cases):
         torch_dtype = getattr(torch, TORCH_DTYPES[dtype])
+        tma = arch >= 90 and dtype != "fp32" and head_dim & (head_dim - 1) == 0
+        variants = [plain, flagged] if dtype != "fp32" else [(plain, flagged)[i // 2 % 2]]
         for name, kernel in kernels.items():
-            cfg = {**attn.launch_config(name, head_dim, torch_dtype), "HEAD_DIM": head_dim}
+            cfg = {**attn.launch_config(name, head_dim, torch_dtype, arch), "HEAD_DIM": head_dim}
             if name == "preprocess":
-                yield kernel, dtype, cfg
+                varlen = i % 2 == 1
+                yield kernel, dtype, {**cfg, "IS_VARLEN": varlen, **({} if varlen else {"CuSeqlensQ": None})}
                 continue
-            for causal in (False, True):
-                yield kernel, dtype, {**cfg, "CAUSAL": causal, "DOT_PRECISION": attn._dot_precision(torch_dtype)}
+            for flags in variants + ([dict(plain, USE_TMA=False)] if name == "fwd" and tma and head_dim in (64, 128) else []):
+                spec = {**cfg, **flags, "DOT_PRECISION": attn._dot_precision(torch_dtype)}
+                if not spec["IS_VARLEN"]:
+                    spec.update(CuSeqlensQ=None, CuSeqlensK=None)
+                if not spec["DROPOUT"]:
+                    spec["Seed"] = None
+                if name == "fwd":
+                    spec.setdefault("USE_TMA", tma)
+                    if spec["USE_TMA"]:  # descriptors as attn.descriptor builds them: (B, H, rows, D) or varlen (total, H, D)
+                        block = lambda rows: f"[{rows}, 1, {cfg['BLOCK_D']}]" if spec["IS_VARLEN"] else f"[1, 1, {rows}, {cfg['BLOCK_D']}]"
+                        rows = dict(Q=cfg["BLOCK_M"], K=cfg["BLOCK_N"], V=cfg["BLOCK_N"])
+                        spec["_pointers"] = {t: f"tensordesc<{{dtype}}{block(n)}>" for t, n in rows.items()}
+                yield kernel, dtype, spec
+    yield attn._dropout_mask_kernel, "fp32", dict(BLOCK_M=32, BLOCK_N=32)
 
 
 FAMILIES = {"layer_norm": norm_specs, "cross_entropy": cross_entropy_specs, "attention": attention_specs}
@@ -126,20 +170,23 @@ def compile_one(job):
     kernel = getattr(importlib.import_module(module), name)
     options = {k: cfg.pop(k) for k in ("num_warps", "num_stages") if k in cfg}
     overrides = {k: v.format(dtype=dtype) for k, v in cfg.pop("_pointers", {}).items()}  # pointers of another dtype
+    divisible = set(cfg.pop("_divisible", ()))  # ints this config has divisible by 16 (aligned rows)
+    strided = set(cfg.pop("_strided", ()))      # column strides this config leaves as runtime ints (not 1)
     record = dict(kernel=kernel.__name__, dtype=dtype, arch=arch, **cfg, **options, **({"pointers": overrides} if overrides else {}))
     pointers = {**POINTERS[kernel.__name__], **overrides}
     signature, attrs = {}, {}
     for index, name in enumerate(kernel.arg_names):
-        if name in UNIT_STRIDES:
+        if name in UNIT_STRIDES and name not in strided:
             cfg[name] = 1
         if name in cfg:
             signature[name] = "constexpr"
         elif name in pointers:
             signature[name] = f"*{dtype}" if pointers[name] == DATA else pointers[name]
-            attrs[(index,)] = [["tt.divisibility", 16]]
+            if not signature[name].startswith("tensordesc"):  # a host tensor descriptor takes no alignment attribute
+                attrs[(index,)] = [["tt.divisibility", 16]]
         else:
             signature[name] = "fp32" if name in FLOAT_ARGS else "i32"
-            if name in ALIGNED_INTS:
+            if name in ALIGNED_INTS or name in divisible:
                 attrs[(index,)] = [["tt.divisibility", 16]]
     try:
         compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=cfg, attrs=attrs),
@@ -152,7 +199,9 @@ def compile_one(job):
 
 def main(family: str, arch: int, workers: int = 2) -> None:
     # Kernels travel to the worker processes by name: the JIT wrappers do not pickle.
-    jobs = [(k.fn.__module__, k.__name__, dtype, dict(cfg), arch) for k, dtype, cfg in FAMILIES[family]()]
+    specs = FAMILIES[family]
+    specs = specs(arch) if "arch" in inspect.signature(specs).parameters else specs()  # per-architecture tile tables
+    jobs = [(k.fn.__module__, k.__name__, dtype, dict(cfg), arch) for k, dtype, cfg in specs]
     with ProcessPoolExecutor(workers) as pool:
         for record in pool.map(compile_one, jobs):
             print(json.dumps(record), flush=True)

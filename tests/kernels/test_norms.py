@@ -6,7 +6,9 @@ from torch import nn
 
 import kernels
 from kernels import layer_norm, rms_norm
+import kernels.norms as norms
 from kernels.norms import MAX_FUSED_N, _norm_bwd, _norm_fwd
+from kernels._utils import INT32_MAX
 from tests.conftest import DEVICE, HAS_CUDA, assert_close_to_ref, requires_cuda
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -85,10 +87,65 @@ def test_strided_weight_and_bias():
 
 
 def test_weight_gradient_is_deterministic():
-    x, w, b, dy = make_inputs((333, 771), torch.float32, "ln")
+    x, w, b, dy = make_inputs((67, 771), torch.float32, "ln")  # 17 rows for each of the CPU's 4 backward programs
     grads = [torch.autograd.grad(layer_norm(x, w, b), (w, b), dy) for _ in range(3)]
     for g in grads[1:]:
         assert all(torch.equal(a, c) for a, c in zip(grads[0], g))
+
+
+@pytest.mark.parametrize("kind", ["ln", "rms"])
+@pytest.mark.parametrize("shape", [(37, 129), (9, 771), (5, MAX_FUSED_N["backward"] + 5)])
+def test_parameter_gradients_sum_every_row_block(shape, kind, monkeypatch):
+    """A backward grid of 2 programs, so that each sums several row blocks into its dW/dB partial (the CPU's
+    default grid gives most shapes one block per program): packed rows (4 a block, the last block part empty), one
+    row a block, and the streaming path's read-add-write partials; dy's rows strided unlike x's (each advances by its
+    own stride); dx and every parameter gradient against fp64."""
+    monkeypatch.setattr(norms, "num_programs", lambda device, per_sm=2: 2)
+    x, w, b, dy = make_inputs(shape, torch.float32, kind)
+    dy = torch.cat([dy, torch.zeros(*shape[:-1], 3, device=DEVICE)], -1)[..., : shape[-1]]  # row stride N + 3
+    ours = outputs_and_grads(run_norm(layer_norm, rms_norm, kind, x, w, b), dy, (x, w, b))
+    eager = outputs_and_grads(run_norm(torch_ln, torch_rms, kind, x, w, b), dy, (x, w, b))
+    up = lambda t: None if t is None else t.detach().double().requires_grad_()
+    x64, w64, b64 = up(x), up(w), up(b)
+    ref = outputs_and_grads(run_norm(torch_ln, torch_rms, kind, x64, w64, b64), dy.double(), (x64, w64, b64))
+    for name, o, r, e in zip(["y", "dx", "dweight", "dbias"], ours, ref, eager):
+        assert_close_to_ref(o, r, e, name)
+
+
+def test_int64_column_offsets_where_a_column_stride_could_overflow(monkeypatch):
+    """The launchers compile the int64 column-offset variant exactly when (N - 1) * column stride passes 2^31
+    (decided on meta tensors: no memory), and that variant computes the same values as the 32-bit one."""
+    launched = []
+
+    class Recorder:  # stands in for a kernel: keeps each launch's COL_INT64
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launched.append(kwargs["COL_INT64"])
+
+    N = 771
+    with monkeypatch.context() as m:
+        m.setattr(norms, "_norm_fwd_kernel", Recorder())
+        m.setattr(norms, "_norm_bwd_kernel", Recorder())
+        for stride in (1, INT32_MAX // (N - 1), INT32_MAX // (N - 1) + 1):
+            x = torch.empty_strided((3, N), (1, stride), device="meta")
+            w = torch.empty(N, device="meta")
+            _, _, mean, rstd = norms._launch_norm_fwd(x, w, w, None, 1e-5, False, None, False)
+            norms._launch_norm_bwd(torch.empty(3, N, device="meta"), None, x, w, mean, rstd, False, True, True, True, None, False)
+    assert launched == [False, False, False, False, True, True]
+    # The int64 variant on real data (forced by a small limit), strided both ways, single-pass and streaming.
+    for shape in [(6, 129), (3, MAX_FUSED_N["backward"] + 5)]:
+        x, w, b, dy = make_inputs(shape, torch.float32, "ln")
+        column_major = lambda t: t.detach().t().contiguous().t()  # the same values, column stride shape[0]
+        xt, dyt = column_major(x).requires_grad_(), column_major(dy)
+        results = []
+        for limit in (INT32_MAX, 8):
+            m_limit = pytest.MonkeyPatch()
+            m_limit.setattr("kernels._utils.INT32_MAX", limit)
+            try:
+                results.append(outputs_and_grads(layer_norm(xt, w, b), dyt, (xt, w, b)))
+            finally:
+                m_limit.undo()
+        for a, c in zip(*results):
+            assert torch.equal(a, c)
 
 
 def test_mixed_dtypes_fp32_params_half_input():

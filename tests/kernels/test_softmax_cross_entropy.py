@@ -3,8 +3,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import cross_entropy
-from kernels.softmax_cross_entropy import _cross_entropy_bwd, _cross_entropy_fwd
+import kernels.softmax_cross_entropy as ce
+from kernels import cross_entropy, cross_entropy_ref
+from kernels._utils import INT32_MAX, needs_int64_columns
+from kernels.softmax_cross_entropy import BLOCK_V, _cross_entropy_bwd, _cross_entropy_fwd, logits_grad_, row_losses
 from tests.conftest import DEVICE, assert_close_to_ref, requires_cuda
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -118,6 +120,102 @@ def test_bad_arguments_raise_clear_errors():
         cross_entropy(logits, torch.zeros(4, dtype=torch.long, device=DEVICE), reduction="avg")
     with pytest.raises(ValueError, match=r"logits must be \(N, V\)"):
         cross_entropy(logits[None], torch.zeros(4, dtype=torch.long, device=DEVICE))
+
+
+def padded(logits, width):
+    """logits in the first columns of a (N, width) buffer whose other columns hold a large sentinel: rows 16-byte
+    aligned for width % 16 == 0, as in the fused head's chunk buffer."""
+    buffer = torch.full((logits.shape[0], width), 1e4, dtype=logits.dtype, device=logits.device)
+    buffer[:, : logits.shape[1]] = logits.detach()
+    return buffer
+
+
+# V: below a block, a block and a bit, exactly two blocks (no partial block), two and a bit.
+BLOCK_VOCABS = [17, BLOCK_V + 3, 2 * BLOCK_V, 2 * BLOCK_V + 3]
+
+
+@pytest.mark.parametrize("V", BLOCK_VOCABS)
+@pytest.mark.parametrize("aligned", [True, False])
+def test_blocks_padding_and_targets_at_the_block_edges(V, aligned):
+    """Targets on each side of every block edge, in full blocks and the partial one, an ignored row; rows
+    16-byte aligned (vector loads) and not, in place (the fused head's row_losses + logits_grad_) and through
+    cross_entropy; with label smoothing and a z-loss. The padding columns past V are never read (their 1e4 would
+    swamp the log-sum-exp) nor written."""
+    full = (V // BLOCK_V) * BLOCK_V
+    targets = sorted({0, V - 1, min(BLOCK_V - 1, V - 1), min(BLOCK_V, V - 1), max(full - 1, 0), min(full, V - 1)})
+    N = len(targets) + 1
+    g = torch.Generator().manual_seed(1)
+    logits = (torch.randn(N, V, generator=g) * 3).to(DEVICE, torch.float16)
+    target = torch.tensor(targets + [-100], device=DEVICE)
+    row_grad = torch.randn(N, generator=g).to(DEVICE)
+    kw = dict(ignore_index=-100, label_smoothing=0.1, z_loss=1e-3)
+    x64 = logits.double().requires_grad_()
+    ref_losses = cross_entropy_ref(x64, target, reduction="none", **kw)
+    ref_grad = torch.autograd.grad(ref_losses, x64, row_grad.double())[0]
+    eager_losses = cross_entropy_ref(logits.float(), target, reduction="none", **kw)
+    width = V + 64 - V % 64 if aligned else V + 5
+    buffer = padded(logits, width)
+    view = buffer[:, :V]
+    assert ce.rows_aligned(view) == aligned
+    losses, lse = row_losses(view, target, **kw)
+    assert_close_to_ref(losses, ref_losses, eager_losses, "loss")
+    logits_grad_(view, target, lse, row_grad, **kw)
+    torch.testing.assert_close(view.double(), ref_grad, atol=1e-3, rtol=1e-2)  # fp16 gradients of magnitude <= 1
+    assert torch.all(buffer[:, V:] == 1e4), "a padding column was written"
+    standalone = padded(logits, width)[:, :V].requires_grad_()
+    ours = cross_entropy(standalone, target, reduction="none", **kw)
+    torch.testing.assert_close(ours.float(), losses.to(ours.dtype).float(), atol=0, rtol=0)
+    torch.testing.assert_close(torch.autograd.grad(ours, standalone, row_grad.half())[0].double(), ref_grad, atol=1e-3, rtol=1e-2)
+
+
+def test_masked_vocabulary_minus_inf_logits():
+    """-inf logits (a masked vocabulary): whole blocks of them, a partial block of them, a row where only the
+    target is finite; the loss and gradient are finite and equal torch's."""
+    N, V = 3, 2 * BLOCK_V + 40
+    logits = torch.randn(N, V, device=DEVICE) * 3
+    logits[0, :BLOCK_V] = float("-inf")
+    logits[1, 2 * BLOCK_V:] = float("-inf")
+    logits[2, :] = float("-inf")
+    target = torch.tensor([BLOCK_V + 1, 7, 2 * BLOCK_V + 9], device=DEVICE)
+    logits[2, target[2]] = 0.5
+    logits.requires_grad_()
+    ours = loss_and_grad(cross_entropy, logits, target, reduction="none")
+    ref = loss_and_grad(F.cross_entropy, logits, target, reduction="none")
+    for o, r in zip(ours, ref):
+        assert torch.isfinite(o).all()
+        torch.testing.assert_close(o, r, atol=1e-5, rtol=1e-5)
+
+
+def test_int64_column_offsets_where_a_column_stride_could_overflow(monkeypatch):
+    """The launchers compile the int64 column-offset variant exactly when (V - 1) * column stride passes 2^31
+    (decided on meta tensors, which hold no memory), and that variant computes the same values as the 32-bit one."""
+    V = 50257
+    assert not needs_int64_columns(V, INT32_MAX // (V - 1)) and needs_int64_columns(V, INT32_MAX // (V - 1) + 1)
+    launched = []
+
+    class Recorder:  # stands in for a kernel: keeps each launch's COL_INT64
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launched.append(kwargs["COL_INT64"])
+
+    with monkeypatch.context() as m:
+        m.setattr(ce, "_cross_entropy_fwd_kernel", Recorder())
+        m.setattr(ce, "_cross_entropy_bwd_kernel", Recorder())
+        for stride in (1, INT32_MAX // (V - 1), INT32_MAX // (V - 1) + 1):
+            logits = torch.empty_strided((4, V), (1, stride), dtype=torch.bfloat16, device="meta")
+            target = torch.zeros(4, dtype=torch.long, device="meta")
+            _, lse = ce._launch_fwd(logits, target, -100, 0.0, 0.0)
+            ce._launch_bwd(torch.ones(4, device="meta"), logits, target, lse, torch.empty(4, V, device="meta"), -100, 0.0, 0.0)
+    assert launched == [False, False, False, False, True, True]
+    # The int64 variant on real data (forced by a small limit): transposed logits, column stride N.
+    logits, target = make_logits(5, BLOCK_V + 3, torch.float32)
+    transposed = logits.detach().t().contiguous().t().requires_grad_()
+    results = []
+    for limit in (INT32_MAX, 8):
+        with monkeypatch.context() as m:
+            m.setattr("kernels._utils.INT32_MAX", limit)
+            results.append(loss_and_grad(cross_entropy, transposed, target, label_smoothing=0.1))
+    for a, c in zip(*results):
+        assert torch.equal(a, c)
 
 
 def test_torch_compile_fullgraph_matches_eager():
