@@ -184,6 +184,7 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied, as in GPT-2
         self.kv_cache: KVCache | None = None
+        self.soft_prompt: nn.Module | None = None  # fastlm.prompt_tuning.SoftPrompt: virtual tokens forward/generate put first
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2's scaled init of the residual projections
             if name.endswith("c_proj.weight"):
@@ -242,19 +243,28 @@ class GPT(nn.Module):
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
 
     # ---- forward and loss --------------------------------------------------------------------------------
-    def hidden_states(self, idx: Tensor, step: CacheStep | None = None) -> Tensor:
-        """Final-norm hidden states (B, T, C) of token ids idx (B, T); with `step`, through the KV cache."""
+    def hidden_states(self, idx: Tensor, step: CacheStep | None = None, prompt: Tensor | None = None) -> Tensor:
+        """Final-norm hidden states (B, T, C) of token ids idx (B, T); with `step`, through the KV cache.
+
+        prompt: (N, C) soft-prompt embeddings put before idx's, as PEFT's prompt tuning does: they take positions
+        0..N-1 (step.positions then covers N + T) and the tokens follow; only the tokens' states are returned.
+        """
         B, T = idx.shape
-        if step is None and T > self.config.block_size:
-            raise ValueError(f"GPT: sequence length {T} is longer than the context of {self.config.block_size} tokens")
+        N = 0 if prompt is None else prompt.shape[0]
+        if step is None and N + T > self.config.block_size:
+            raise ValueError(f"GPT: sequence length {T}{f' + {N} virtual tokens' if N else ''} is longer than the "
+                             f"context of {self.config.block_size} tokens")
         self._check_device(idx)
-        pos = torch.arange(T, device=idx.device) if step is None else step.positions
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        pos = torch.arange(N + T, device=idx.device) if step is None else step.positions
+        tok = self.transformer.wte(idx)
+        if prompt is not None:
+            tok = torch.cat([prompt.to(tok.dtype).expand(B, -1, -1), tok], dim=1)  # (B, N + T, C)
+        x = self.transformer.drop(tok + self.transformer.wpe(pos))
         pending = None
         for block in self.transformer.h:
             x, pending = block(x, pending, step)
         h, _ = self.ops.layer_norm(pending, self.transformer.ln_f, x)
-        return h
+        return h if prompt is None else h[:, N:]
 
     def loss(self, h: Tensor, targets: Tensor, reduction: str = "mean", fp32_head: bool = False) -> Tensor:
         """Cross-entropy of the LM head on hidden states h (B, T, C) against targets (B, T); -100 is ignored.
@@ -269,8 +279,9 @@ class GPT(nn.Module):
         return self.ops.head_loss(h, weight, targets, reduction)
 
     def forward(self, idx: Tensor, targets: Tensor | None = None) -> Tensor:
-        """idx (B, T) token ids. Returns logits (B, T, vocab), or with targets (B, T) the mean loss."""
-        h = self.hidden_states(idx)
+        """idx (B, T) token ids. Returns logits (B, T, vocab), or with targets (B, T) the mean loss; a model with a
+        soft prompt puts it first (the logits and the loss are still the T tokens')."""
+        h = self.hidden_states(idx, prompt=None if self.soft_prompt is None else self.soft_prompt.weight)
         return self.lm_head(h) if targets is None else self.loss(h, targets)
 
     # ---- generation -------------------------------------------------------------------------------------
@@ -285,18 +296,19 @@ class GPT(nn.Module):
     def clear_kv_cache(self) -> None:
         self.kv_cache = None
 
-    def forward_cached(self, idx: Tensor, last_only: bool = False) -> Tensor:
+    def forward_cached(self, idx: Tensor, last_only: bool = False, prompt: Tensor | None = None) -> Tensor:
         """Logits (B, T, vocab) of idx (B, T), the T tokens that follow what the KV cache holds; they join it.
 
         One new token (decoding) attends over the whole cache with a position mask built once per step, so the
         shapes never change and one compiled step serves every position. Several (a prompt) attend causally over
         the filled part of the cache, the fused kernel on triton; that reads the filled length on the host once.
-        last_only: the logits of the last position only, (B, 1, vocab).
+        last_only: the logits of the last position only, (B, 1, vocab). prompt: (N, C) soft-prompt embeddings that
+        go into the cache before idx (see hidden_states); the logits are still idx's.
         """
         cache = self.kv_cache
         if cache is None:
             raise RuntimeError("forward_cached: no KV cache; call setup_kv_cache(batch_size, max_len) first")
-        T = idx.shape[1]
+        T = idx.shape[1] + (0 if prompt is None else prompt.shape[0])
         positions = cache.length + torch.arange(T, device=idx.device)
         if T == 1:
             mask = torch.arange(cache.max_len, device=idx.device)[None, :] <= positions[:, None]
@@ -306,7 +318,7 @@ class GPT(nn.Module):
             if end > cache.max_len:
                 raise ValueError(f"forward_cached: {T} tokens after {end - T} would overflow the cache of {cache.max_len}")
             step = CacheStep(cache, positions, decode_mask=None, end=end)
-        h = self.hidden_states(idx, step)
+        h = self.hidden_states(idx, step, prompt)
         cache.length.add_(T)  # in place: `+=` on a module attribute is a setattr that torch.compile mistraces
         return self.lm_head(h[:, -1:] if last_only else h)
 
@@ -326,21 +338,25 @@ class GPT(nn.Module):
     @torch.no_grad()
     def generate_stream(self, idx: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
                         top_p: float | None = None, eos_token_id: int | None = None):
-        """Yield each new token (B, 1) as it is sampled (what `python -m fastlm.generate` prints from)."""
+        """Yield each new token (B, 1) as it is sampled (what `python -m fastlm.generate` prints from). A model with
+        a soft prompt puts it before idx, and its N virtual tokens count against the context."""
         if idx.dim() != 2 or idx.shape[1] == 0:
             raise ValueError(f"generate: idx must be (B, T) with T >= 1, got shape {tuple(idx.shape)}")
         if max_new_tokens < 0 or temperature < 0 or (top_p is not None and not 0 < top_p <= 1) or (top_k is not None and top_k < 1):
             raise ValueError("generate: need max_new_tokens >= 0, temperature >= 0, top_k >= 1, 0 < top_p <= 1")
         B, T = idx.shape
-        if T + max_new_tokens > self.config.block_size:
-            raise ValueError(f"generate: {T} prompt + {max_new_tokens} new tokens exceed the context of {self.config.block_size}")
+        prompt = None if self.soft_prompt is None else self.soft_prompt.weight
+        N = 0 if prompt is None else prompt.shape[0]
+        if N + T + max_new_tokens > self.config.block_size:
+            raise ValueError(f"generate: {T} prompt{f' + {N} virtual' if N else ''} + {max_new_tokens} new tokens exceed "
+                             f"the context of {self.config.block_size}")
         if max_new_tokens == 0:
             return
         was_training = self.training
         self.eval()
-        self.setup_kv_cache(B, T + max_new_tokens)
+        self.setup_kv_cache(B, N + T + max_new_tokens)
         try:
-            logits = self.forward_cached(idx, last_only=True)  # only the last position's logits are needed
+            logits = self.forward_cached(idx, last_only=True, prompt=prompt)  # only the last position's logits are needed
             finished = torch.zeros(B, dtype=torch.bool, device=idx.device)
             for step in range(max_new_tokens):
                 token = sample(logits[:, -1], temperature, top_k, top_p)
