@@ -3,7 +3,8 @@
 train_step: forward, backward and a fused AdamW step at seq 1024, bf16 autocast, the same batch for every
 provider: `triton` = fastlm on our kernels, compiled; `eager` = fastlm's plain PyTorch path; `compile` =
 torch.compile of that path; `hf` = transformers' GPT2LMHeadModel with SDPA attention. extra_info has tokens/s and
-model FLOPs utilisation (6 x parameters x tokens + attention, over the device's bf16 peak).
+model FLOPs utilisation (6 x parameters x tokens + attention, over the device's bf16 peak). The largest-batch
+group runs the compiled providers at the largest batch that fits (96 down to 16), for tokens/s at full load.
 generate: 124M, batch 1, a 32-token prompt and 256 new greedy tokens: `triton` = fastlm's KV-cache generate,
 `eager` = a loop that reruns the whole forward per token, `hf` = transformers' generate.
 """
@@ -16,6 +17,7 @@ from fastlm import GPT, GPTConfig
 
 transformers = optional_import("transformers")
 BATCH, SEQ = 8, 1024
+LARGE_BATCHES = (96, 64, 48, 32, 16)
 
 
 def _model(provider):
@@ -29,12 +31,10 @@ def _model(provider):
     return GPT(config, backend="triton" if provider == "triton" else "torch").cuda(), config
 
 
-@pytest.mark.parametrize("provider", ["triton", "eager", "compile", "hf"])
-def bench_train_step(gpu_bench, benchmark, provider):
-    benchmark.group = f"train_step gpt2-124M batch {BATCH} x seq {SEQ} bf16"
-    model, config = _model(provider)
+def _train_step(provider: str, model, config, batch: int):
+    """One forward + backward + fused AdamW step on a fixed random batch (batch x SEQ), and its FLOPs."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    idx = torch.randint(0, config.vocab_size, (BATCH, SEQ + 1), device="cuda")
+    idx = torch.randint(0, config.vocab_size, (batch, SEQ + 1), device="cuda")
     x, y = idx[:, :-1], idx[:, 1:]
     if provider == "hf":
         loss_fn = lambda: torch.nn.functional.cross_entropy(model(x).logits.flatten(0, 1).float(), y.flatten())
@@ -50,11 +50,44 @@ def bench_train_step(gpu_bench, benchmark, provider):
         optimizer.zero_grad(set_to_none=True)
 
     n_params = sum(p.numel() for p in model.parameters())
-    tokens = BATCH * SEQ
+    tokens = batch * SEQ
     flops = 6 * n_params * tokens + 12 * config.n_layer * config.n_embd * SEQ * tokens  # + attention (causal halved)
+    return step, tokens, flops
+
+
+def _throughput(tokens: int, flops: float) -> dict:
     peak = (device_peaks(torch.cuda.get_device_name()) or (None, None))[0]
-    gpu_bench(step, rounds=10, tokens_per_s=lambda t: tokens / t,
-              mfu=lambda t: flops / t / (peak * 1e12) if peak else 0.0, tflop_per_s=lambda t: flops / t / 1e12)
+    return dict(tokens_per_s=lambda t: tokens / t, mfu=lambda t: flops / t / (peak * 1e12) if peak else 0.0,
+                tflop_per_s=lambda t: flops / t / 1e12)
+
+
+@pytest.mark.parametrize("provider", ["triton", "eager", "compile", "hf"])
+def bench_train_step(gpu_bench, benchmark, provider):
+    benchmark.group = f"train_step gpt2-124M batch {BATCH} x seq {SEQ} bf16"
+    model, config = _model(provider)
+    step, tokens, flops = _train_step(provider, model, config, BATCH)
+    gpu_bench(step, rounds=10, **_throughput(tokens, flops))
+
+
+@pytest.mark.parametrize("provider", ["triton", "compile"])
+def bench_train_step_largest_batch(gpu_bench, benchmark, provider):
+    """The largest batch of LARGE_BATCHES whose step fits (an out-of-memory step tries the next smaller one):
+    the tokens/s figure to hold against llm.c's ~463K tokens/s per H100."""
+    benchmark.group = f"train_step gpt2-124M largest batch x seq {SEQ} bf16"
+    model, config = _model(provider)
+    for batch in LARGE_BATCHES:
+        step, tokens, flops = _train_step(provider, model, config, batch)
+        try:
+            step()
+            torch.cuda.synchronize()
+            break
+        except torch.OutOfMemoryError:
+            del step
+            model.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+    else:
+        pytest.fail(f"no batch of {LARGE_BATCHES} fits")
+    gpu_bench(step, rounds=5, warmup=1, batch=batch, **_throughput(tokens, flops))
 
 
 @pytest.mark.parametrize("trains", ["everything", "last 2 blocks", "LoRA r=8"])

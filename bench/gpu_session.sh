@@ -29,9 +29,9 @@ timeout 120 python3 -m pytest tests -m gpu -q -p no:cacheprovider -rs > "$out/te
 log "   exit $? ($(tail -n 1 "$out/tests.log"))"
 
 log "2. benchmarks"
-groups=("bench_attention.py -k 64-True" "bench_model.py -k train_step and not partial"
+groups=("bench_attention.py -k 64-True" "bench_model.py -k train_step and not partial and not largest"
         "bench_norms_ce.py -k add_layer_norm or linear_cross_entropy" "bench_norms_ce.py -k cross_entropy and not linear"
-        "bench_norms_ce.py -k bench_norm" "bench_hf.py -k gpt2" "bench_attention.py -k not 64-True"
+        "bench_norms_ce.py -k bench_norm" "bench_model.py -k largest" "bench_hf.py -k gpt2" "bench_attention.py -k not 64-True"
         "bench_model.py -k generate or partial" "bench_hf.py -k not gpt2")
 deadline=$((SECONDS + 240))
 for i in "${!groups[@]}"; do
