@@ -22,6 +22,11 @@ num_virtual_tokens, token_dim, num_transformer_submodules 1, ...) and adapter_mo
 `peft.PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(base), directory)` applies the same prompt, and a
 prompt PEFT trained loads here.
 
+Training (setup, called by fastlm.trainable for --prompt-tokens): the model is frozen and the prompt alone requires
+grad, so the optimizer holds N x C parameters; the gradient still flows back through every block to the input, so
+activations are kept as in full fine-tuning (no weight gradients, no optimizer state for the model). A window of
+seq_len tokens takes N + seq_len positions: check_window says so when they exceed the context.
+
 Limits: one soft prompt per model, decoder-only (num_transformer_submodules 1), no task ids (PEFT's multitask
 prompt tuning) and no prefix tuning or P-tuning (other prompt-learning methods of PEFT, refused on load).
 """
@@ -120,6 +125,28 @@ def add_soft_prompt(model: GPT, num_tokens: int, init_text: str | None = None, t
     return model.soft_prompt
 
 
+def setup(model: GPT, num_tokens: int, init_text: str | None = None, tokenizer=None) -> str:
+    """Prompt-tuning mode of fine-tuning: a trainable soft prompt of num_tokens virtual tokens (from init_text's
+    embeddings, or random), every model weight frozen. Returns what trains, in words, for the run's start line."""
+    prompt = add_soft_prompt(model, num_tokens, init_text, tokenizer)
+    start = "at random" if init_text is None else f"from the embeddings of {init_text!r}"
+    return (f"a soft prompt of {prompt.num_tokens} virtual tokens x {model.config.n_embd} (initialised {start}; every "
+            f"model weight frozen)")
+
+
+def text_room(model: GPT) -> int:
+    """How many real tokens fit the context beside the model's virtual ones."""
+    return model.config.block_size - num_virtual_tokens(model)
+
+
+def check_window(model: GPT, seq_len: int, flag: str = "--seq-len") -> None:
+    """A window of seq_len tokens, after the model's virtual tokens, must fit its context (one-line ValueError)."""
+    n, context = num_virtual_tokens(model), model.config.block_size
+    if seq_len + n > context:
+        raise ValueError(f"{flag} {seq_len} + {n} virtual tokens (--prompt-tokens) exceed the model's context of "
+                         f"{context} tokens: use {flag} {context - n} or less")
+
+
 @contextlib.contextmanager
 def detached(model: GPT):
     """Within the block the model has no soft prompt (its state_dict is the base model's), then it has it again."""
@@ -140,6 +167,7 @@ def save_prompt(model: GPT, directory: str | os.PathLike, base_model_name_or_pat
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise ValueError(f"{directory}: exists and is not a directory")
+    _refuse_other_adapter(directory / ADAPTER_CONFIG)
     directory.mkdir(parents=True, exist_ok=True)
     prompt, c = model.soft_prompt, model.config
     text = prompt.init_text
@@ -153,9 +181,25 @@ def save_prompt(model: GPT, directory: str | os.PathLike, base_model_name_or_pat
         "inference_mode": True, "modules_to_save": None, "revision": None, "auto_mapping": None,
     }
     tensors = {PROMPT_KEY: prompt.weight.detach().to("cpu", torch.float32).contiguous()}
+    # the tensor first, the config (which says what the tensor is) last: a save interrupted between the two leaves an
+    # old config whose num_virtual_tokens no longer fits, which load_prompt refuses, or the same prompt's config
     atomic_write(directory / ADAPTER_WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     atomic_write(directory / ADAPTER_CONFIG, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
     return directory
+
+
+def _refuse_other_adapter(path: Path) -> None:
+    """An adapter_config.json that is not a soft prompt's (a LoRA adapter, say) is someone's work: never replaced."""
+    if not path.exists():
+        return
+    try:
+        config = json.loads(path.read_text())
+        kind = config.get("peft_type") if isinstance(config, dict) else None
+    except (OSError, ValueError):
+        kind = None
+    if kind != "PROMPT_TUNING":
+        what = f"a {kind} adapter's config" if isinstance(kind, str) else "an adapter config of no known kind"
+        raise ValueError(f"{path}: {what}, not a soft prompt's: save the prompt in another directory")
 
 
 def _read_config(path: Path, model: GPT) -> dict:
@@ -219,9 +263,9 @@ def load_prompt(model: GPT, directory: str | os.PathLike, trainable: bool = Fals
         raise ValueError(f"{directory}: not a directory (a prompt-tuning directory holds {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})")
     config = _read_config(directory / ADAPTER_CONFIG, model)
     n = config["num_virtual_tokens"]
-    tensor = _read_tensor(directory / ADAPTER_WEIGHTS, (n, model.config.n_embd))
     _check_room(model, n, f"{directory / ADAPTER_CONFIG}: num_virtual_tokens")
     _refuse_second_prompt(model, "load_prompt")
+    tensor = _read_tensor(directory / ADAPTER_WEIGHTS, (n, model.config.n_embd))
     wte = model.transformer.wte.weight
     if trainable:
         model.requires_grad_(False)
