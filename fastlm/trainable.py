@@ -1,15 +1,20 @@
-"""Choosing what trains: every parameter, the last N blocks, parameters named by patterns, or LoRA adapters.
+"""Choosing what trains: every parameter, the last N blocks, parameters named by patterns, LoRA adapters, or a
+soft prompt (prompt tuning).
 
 Frozen parameters get requires_grad=False, so they receive no gradient, no optimizer state, and (for frozen
 blocks before the first trained one) autograd keeps none of their activations. `choose_trainable` reads its
 choice from any object with the fine-tuning flags' attributes (train_layers, trainable, lora_rank, lora_alpha,
-lora_targets, lora_dropout), such as FinetuneConfig.
+lora_targets, lora_dropout, and, when it has them, prompt_tokens and prompt_init_text), such as FinetuneConfig.
+
+Prompt tuning (prompt_tokens N > 0): every model weight frozen and a new parameter, `soft_prompt.weight` (N, C),
+the only one that trains (fastlm.prompt_tuning). It is part of the model's state_dict, so a checkpoint holds it and
+a resumed run, which calls choose_trainable before loading the checkpoint's state, gets it back.
 """
 from __future__ import annotations
 
 from typing import Protocol
 
-from fastlm import lora
+from fastlm import lora, prompt_tuning
 from fastlm.model import GPT
 
 
@@ -20,13 +25,28 @@ class TrainableChoice(Protocol):
     lora_alpha: float | None   # default: the rank
     lora_targets: str          # comma-separated layer names (c_attn, c_proj, c_fc)
     lora_dropout: float
+    prompt_tokens: int         # 0: no soft prompt (optional attribute: absent counts as 0)
+    prompt_init_text: str | None  # the soft prompt starts from this text's token embeddings (absent or None: random)
 
 
-def choose_trainable(model: GPT, choice: TrainableChoice) -> str:
-    """Freeze what the choice leaves out (LoRA freezes the base and adds adapters); returns what trains, in words.
+def choose_trainable(model: GPT, choice: TrainableChoice, tokenizer=None) -> str:
+    """Freeze what the choice leaves out (LoRA freezes the base and adds adapters; prompt tuning freezes the whole
+    model and adds the soft prompt); returns what trains, in words. tokenizer: reads --prompt-init-text (default:
+    the bundled GPT-2 BPE).
 
-    Errors are one-line ValueErrors naming the flag (--train-layers, --trainable, --lora-*).
+    Errors are one-line ValueErrors naming the flag (--train-layers, --trainable, --lora-*, --prompt-*).
     """
+    prompt_tokens = getattr(choice, "prompt_tokens", 0) or 0
+    init_text = getattr(choice, "prompt_init_text", None)
+    if prompt_tokens:
+        others = {"--lora-rank": choice.lora_rank, "--train-layers": choice.train_layers is not None,
+                  "--trainable": choice.trainable}
+        clash = next((flag for flag, given in others.items() if given), None)
+        if clash:
+            raise ValueError(f"--prompt-tokens trains a soft prompt on a frozen model: it cannot be combined with {clash}")
+        return prompt_tuning.setup(model, prompt_tokens, init_text, tokenizer)
+    if init_text is not None:
+        raise ValueError("--prompt-init-text starts a soft prompt: it needs --prompt-tokens N")
     if choice.lora_rank:
         targets = [t.strip() for t in choice.lora_targets.split(",") if t.strip()]
         lora.apply_lora(model, choice.lora_rank, choice.lora_alpha or float(choice.lora_rank), targets, choice.lora_dropout)

@@ -150,3 +150,84 @@ def test_frozen_blocks_before_the_trained_ones_keep_no_activations():
     first_block = saved_bytes(finetune.FinetuneConfig(trainable="h.0."))
     assert first_block > 0.6 * every, "a trained first block needs every later block's activations"
     assert last_block < 0.4 * every, "a quarter of the blocks (plus the head) keep activations"
+
+
+# ---- prompt tuning: the model frozen, only the soft prompt trains --------------------------------------------------
+def prompt_choice(**flags):
+    """The fine-tuning flags with prompt tuning's (FinetuneConfig may not have those fields yet: a namespace)."""
+    import types
+
+    return types.SimpleNamespace(**{**vars(finetune.FinetuneConfig()), "prompt_tokens": 0, "prompt_init_text": None, **flags})
+
+
+def tiny_gpt():
+    torch.manual_seed(0)
+    return GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, vocab_size=50257, block_size=64), backend="torch")
+
+
+def test_prompt_tuning_trains_the_prompt_alone_and_the_optimizer_holds_only_it():
+    model = tiny_gpt()
+    what = choose_trainable(model, prompt_choice(prompt_tokens=6, prompt_init_text="Review:"))
+    assert what == "a soft prompt of 6 virtual tokens x 32 (initialised from the embeddings of 'Review:'; every model weight frozen)"
+    assert [name for name, p in model.named_parameters() if p.requires_grad] == ["soft_prompt.weight"]
+    assert model.num_parameters(trainable_only=True) == 6 * 32
+    assert model.soft_prompt.init_text == "Review:"
+    optimizer = training.make_optimizer(model, finetune.FinetuneConfig(), torch.device("cpu"))
+    held = [p for group in optimizer.param_groups for p in group["params"]]
+    assert len(held) == 1 and held[0] is model.soft_prompt.weight
+
+
+@pytest.mark.parametrize("flags,message", [
+    (dict(prompt_tokens=4, lora_rank=2), "--prompt-tokens trains a soft prompt on a frozen model: it cannot be combined with --lora-rank"),
+    (dict(prompt_tokens=4, train_layers=1), "it cannot be combined with --train-layers"),
+    (dict(prompt_tokens=4, trainable="ln_f"), "it cannot be combined with --trainable"),
+    (dict(prompt_init_text="Review:"), "--prompt-init-text starts a soft prompt: it needs --prompt-tokens N"),
+    (dict(prompt_tokens=-2), "--prompt-tokens must be a positive integer, got -2"),
+])
+def test_prompt_tuning_flags_that_do_not_go_together(flags, message):
+    with pytest.raises(ValueError) as info:
+        choose_trainable(tiny_gpt(), prompt_choice(**flags))
+    assert str(info.value) == message or (message in str(info.value) and "\n" not in str(info.value))
+
+
+def test_a_resumed_run_gets_its_trained_prompt_back_from_the_state_dict():
+    """What --resume does: a fresh model, choose_trainable (which makes the prompt anew), then the checkpoint's state."""
+    trained = tiny_gpt()
+    choose_trainable(trained, prompt_choice(prompt_tokens=4))
+    with torch.no_grad():
+        trained.soft_prompt.weight.add_(1.0)  # as training would move it
+    state = trained.state_dict()
+    resumed = tiny_gpt()
+    torch.manual_seed(5)  # another random start: the state must replace it
+    choose_trainable(resumed, prompt_choice(prompt_tokens=4))
+    resumed.load_state_dict(state)
+    assert torch.equal(resumed.soft_prompt.weight, trained.soft_prompt.weight)
+    assert [name for name, p in resumed.named_parameters() if p.requires_grad] == ["soft_prompt.weight"]
+    idx = torch.randint(0, 50257, (1, 9))
+    torch.testing.assert_close(resumed(idx), trained(idx), atol=0, rtol=0)
+
+
+def test_prompt_tuning_keeps_every_blocks_activations():
+    """The gradient reaches the input, through every frozen block, so each block keeps what its input's gradient
+    needs (as LoRA on every block does), only not the inputs of its frozen matmuls, which only weight gradients
+    read: between the last block alone and full fine-tuning, near the latter."""
+    idx = torch.randint(0, 101, (2, 60))
+
+    def saved_bytes(choice) -> int:
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(n_layer=4, n_head=2, n_embd=64, vocab_size=101, block_size=64), backend="torch")
+        choose_trainable(model, choice)
+        total = 0
+
+        def pack(tensor):
+            nonlocal total
+            total += tensor.numel() * tensor.element_size()
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            model(idx, idx)
+        return total
+
+    every, prompt = saved_bytes(prompt_choice()), saved_bytes(prompt_choice(prompt_tokens=4))
+    last_block = saved_bytes(prompt_choice(train_layers=1))
+    assert last_block < 0.4 * every and 0.6 * every < prompt < every, (last_block, prompt, every)
