@@ -9,7 +9,8 @@ whose set-up fails leaves --out as it found it (a directory it created is remove
 
 checkpoint.pt holds whole tensors keyed by parameter name, whatever the run's layout (one process, DDP, FSDP),
 so any of them resumes any other: `model` (the state dict, the tied head stored once), `optimizer` (AdamW's
-state keyed by name), `step`, `rng` (the data generator's, torch's and CUDA's states), `model_config`,
+state keyed by name), `step`, `rng` (the data generator's state, and each rank's torch CPU and CUDA generator
+states, which draw its dropout masks: `ranks`, one entry per process), `model_config`,
 `finetune_config` (the run's settings), `data_key` (the corpus hash), `windows_per_step`, `base_weights`, and
 `checksum` (fastlm.weights.state_digest of everything else, which resume verifies: torch.load does not check
 the zip's CRCs). A state with a non-finite weight or optimizer moment is never written. Gathering FSDP's shards
@@ -22,6 +23,8 @@ its final save, and --resume finishes that save.
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
 import socket
@@ -33,7 +36,7 @@ import torch
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_optimizer_state_dict)
 
-from fastlm.distributed import World
+from fastlm.distributed import World, gather_objects
 from fastlm.files import atomic_write, remove_temporaries
 from fastlm.weights import saved_metadata, state_digest
 
@@ -49,7 +52,7 @@ LOCK_FILE = ".fastlm-run.lock"
 # Settings that change the data stream or what trains. The batch may be split differently (batch size,
 # accumulation, processes) as long as each step takes the same number of windows.
 RESUME_MUST_MATCH = ("seq_len", "seed", "val_fraction", "train_layers", "trainable", "lora_rank", "lora_alpha",
-                     "lora_targets", "lora_dropout")
+                     "lora_targets", "lora_dropout", "pack")
 CHECKPOINT_KEYS = ("model", "optimizer", "step", "rng", "model_config", "finetune_config", "data_key",
                    "windows_per_step", "base_weights")
 WHOLE = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -224,10 +227,12 @@ def check_resumable(checkpoint: dict, cfg, windows_per_step: int, processes: int
     """The run `cfg` continues the checkpoint's: same data stream and trainable set, same windows per step, and
     steps left to train (or the final save left to finish: complete=False at --max-steps)."""
     saved = checkpoint["finetune_config"]
+    defaults = {f.name: f.default for f in dataclasses.fields(cfg)}  # what an older checkpoint's run had
     for name in RESUME_MUST_MATCH:
-        if saved[name] != getattr(cfg, name):
+        theirs = saved.get(name, defaults[name])
+        if theirs != getattr(cfg, name):
             raise ValueError(f"--resume: --{name.replace('_', '-')} is {getattr(cfg, name)} but the checkpoint was "
-                             f"trained with {saved[name]}; resume with the same value")
+                             f"trained with {theirs}; resume with the same value")
     step = checkpoint["step"]
     if step > cfg.max_steps:
         raise ValueError(f"--max-steps {cfg.max_steps}: the checkpoint is already at step {step}")
@@ -248,13 +253,36 @@ def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimize
     set_optimizer_state_dict(model, optimizer, {**state, "param_groups": groups}, options=StateDictOptions(full_state_dict=True))
 
 
-def rng_states(data_rng: torch.Generator, device: torch.device) -> dict:
-    return {"data": data_rng.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+def rank_seed(seed: int, rank: int, step: int = 0) -> int:
+    """The seed of torch's generators on one rank (its dropout masks): a hash of the run's seed, the rank and the
+    step it starts from, so ranks draw different masks and none replays the numbers that initialised the model."""
+    digest = hashlib.sha256(f"fastlm-rank-generator:{seed}:{rank}:{step}".encode()).digest()
+    return int.from_bytes(digest[:8], "little")  # torch.manual_seed takes any 64-bit value
 
 
-def restore_rng_states(states: dict, data_rng: torch.Generator, device: torch.device) -> None:
+def rng_states(data_rng: torch.Generator, device: torch.device, world: World) -> dict:
+    """The generators a resumed run needs: the data generator (the same on every rank) and every rank's torch
+    CPU and CUDA generators. A collective under torchrun: every rank calls it."""
+    own = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+    ranks = gather_objects(world, own)
+    return {"data": data_rng.get_state(), **ranks[0], "ranks": ranks}  # torch/cuda: rank 0's, as older files had
+
+
+def restore_rng_states(states: dict, data_rng: torch.Generator, device: torch.device, world: World, seed: int,
+                       step: int) -> bool:
+    """Put the checkpoint's generators back on this rank; False when its torch generators cannot be the saved ones
+    (the checkpoint was written by another number of processes, or by an older fastlm with one state for every
+    rank): they are then seeded afresh for this rank (rank_seed), so the dropout masks differ from the run's."""
     data_rng.set_state(states["data"])
-    torch.set_rng_state(states["torch"])
-    if device.type == "cuda" and isinstance(states["cuda"], torch.Tensor):
-        torch.cuda.set_rng_state(states["cuda"], device)
+    ranks = states.get("ranks")
+    if ranks is not None and len(ranks) == world.size:
+        own = ranks[world.rank]
+    elif ranks is None and not world.distributed:
+        own = states
+    else:
+        torch.manual_seed(rank_seed(seed, world.rank, step))
+        return False
+    torch.set_rng_state(own["torch"])
+    if device.type == "cuda" and isinstance(own["cuda"], torch.Tensor):
+        torch.cuda.set_rng_state(own["cuda"], device)
+    return True

@@ -13,8 +13,11 @@ _HF_REQUIRED = {"activation_function": ("gelu_new", "gelu_pytorch_tanh"), "scale
 
 # Types of the config.json fields that are read (an absent field takes GPT-2's value).
 _HF_TYPES = {"n_positions": int, "vocab_size": int, "n_layer": int, "n_head": int, "n_embd": int,
-             "layer_norm_epsilon": (int, float)}
+             "layer_norm_epsilon": (int, float), "embd_pdrop": (int, float), "attn_pdrop": (int, float),
+             "resid_pdrop": (int, float)}
 _HF_NAMES = {"block_size": "n_positions", "layer_norm_eps": "layer_norm_epsilon"}
+DROPOUTS = ("embd_pdrop", "attn_pdrop", "resid_pdrop")  # GPTConfig's names are config.json's
+GPT2_PDROP = 0.1  # what every published GPT-2 config.json says, and transformers' GPT2Config default
 
 
 def _is_number(value) -> bool:
@@ -31,7 +34,14 @@ def _hf_names(message: str) -> str:
 
 @dataclass
 class GPTConfig:
-    """A GPT-2 model's shape. The four published sizes are `GPTConfig.preset(name)`."""
+    """A GPT-2 model's shape and its dropout. The four published sizes are `GPTConfig.preset(name)`.
+
+    The three dropout probabilities are GPT-2's (config.json's names), applied in training mode only, where
+    transformers' GPT2LMHeadModel applies them: embd_pdrop on the token + position embeddings, attn_pdrop on the
+    attention probabilities (inside the attention kernel, or SDPA's dropout_p), resid_pdrop on each attention and
+    MLP output before it joins the residual stream. A model built here defaults to none; one read from a
+    config.json takes its values (GPT-2's 0.1 where the file has none, as transformers does).
+    """
 
     block_size: int = 1024        # context length (n_positions)
     vocab_size: int = 50257
@@ -39,7 +49,9 @@ class GPTConfig:
     n_head: int = 12
     n_embd: int = 768
     layer_norm_eps: float = 1e-5
-    dropout: float = 0.0          # on embeddings and residual branches (not on attention probabilities)
+    embd_pdrop: float = 0.0       # on the embeddings (token + position)
+    attn_pdrop: float = 0.0       # on the attention probabilities
+    resid_pdrop: float = 0.0      # on each attention and MLP output, before the residual add
 
     PRESETS = {
         "gpt2": dict(n_layer=12, n_head=12, n_embd=768),           # 124M
@@ -57,8 +69,10 @@ class GPTConfig:
             raise ValueError(f"GPTConfig: n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})")
         if not _is_number(self.layer_norm_eps) or not 0.0 < self.layer_norm_eps < 1.0:
             raise ValueError(f"GPTConfig: layer_norm_eps must be a number in (0, 1), got {self.layer_norm_eps!r}")
-        if not _is_number(self.dropout) or not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"GPTConfig: dropout must be in [0, 1), got {self.dropout!r}")
+        for name in DROPOUTS:
+            value = getattr(self, name)
+            if not _is_number(value) or not 0.0 <= value < 1.0:
+                raise ValueError(f"GPTConfig: {name} must be in [0, 1), got {value!r}")
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "GPTConfig":
@@ -78,7 +92,7 @@ class GPTConfig:
             "vocab_size": self.vocab_size, "n_positions": self.block_size, "n_ctx": self.block_size,
             "n_embd": self.n_embd, "n_layer": self.n_layer, "n_head": self.n_head, "n_inner": None,
             "activation_function": "gelu_new", "layer_norm_epsilon": self.layer_norm_eps,
-            "resid_pdrop": self.dropout, "embd_pdrop": self.dropout, "attn_pdrop": 0.0,
+            "resid_pdrop": self.resid_pdrop, "embd_pdrop": self.embd_pdrop, "attn_pdrop": self.attn_pdrop,
             "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False,
             "tie_word_embeddings": True, "bos_token_id": eos, "eos_token_id": eos,
         }
@@ -106,11 +120,30 @@ class GPTConfig:
             raise ValueError(f"{source}: tie_word_embeddings=false is not supported (GPT-2 ties its LM head)")
         fields = dict(block_size=hf.get("n_positions", 1024), vocab_size=hf.get("vocab_size", 50257),
                       n_layer=hf.get("n_layer", 12), n_head=hf.get("n_head", 12), n_embd=n_embd,
-                      layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5))
+                      layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+                      **{name: hf.get(name, GPT2_PDROP) for name in DROPOUTS})
         try:
             return cls(**fields)
         except ValueError as e:
             raise ValueError(f"{source}: {_hf_names(str(e))}") from None
+
+    @classmethod
+    def from_dict(cls, fields: dict) -> "GPTConfig":
+        """A config from dataclasses.asdict's dict (checkpoint.pt's model_config); older checkpoints had one
+        `dropout` for embeddings and residuals and none on attention."""
+        fields = dict(fields)
+        if "dropout" in fields:
+            legacy = fields.pop("dropout")
+            fields = {"embd_pdrop": legacy, "resid_pdrop": legacy, "attn_pdrop": 0.0, **fields}
+        return cls(**fields)
+
+    @property
+    def dropouts(self) -> dict[str, float]:
+        return {name: getattr(self, name) for name in DROPOUTS}
+
+    def with_dropout(self, p: float) -> "GPTConfig":
+        """The same model with all three dropout probabilities set to p."""
+        return self.replace(**{name: p for name in DROPOUTS})
 
     def replace(self, **changes) -> "GPTConfig":
         return dataclasses.replace(self, **changes)

@@ -183,6 +183,15 @@ def same_everywhere(world: World, value, what: str) -> None:
             raise RankFailed(f"rank {rank}'s {what} differs from rank 0's; every process must be given the same")
 
 
+def gather_objects(world: World, value) -> list:
+    """Every rank's `value` (picklable), in rank order, on every rank; over the CPU group, so no GPU sync."""
+    if not world.distributed:
+        return [value]
+    values: list = [None] * world.size
+    dist.all_gather_object(values, value, group=_flags_group)
+    return values
+
+
 def all_reduce_sum(world: World, tensor: torch.Tensor) -> torch.Tensor:
     """The sum over ranks (in place); the tensor itself for a world of one."""
     if world.distributed:

@@ -29,6 +29,7 @@ class EvaluateConfig:
     device: str = field(default="auto", metadata={"help": "cuda, cpu, ... (auto: cuda when available)"})
     autocast: str = field(default="auto", metadata={"help": "the model body under autocast in this dtype (auto: bfloat16 on CUDA, off elsewhere); the head and loss stay fp32", "choices": AUTOCAST_CHOICES})
     backend: str = field(default="auto", metadata={"help": "kernels: triton, torch, or auto", "choices": BACKEND_CHOICES})
+    per_document: bool = field(default=False, metadata={"help": "score each document on its own: no context from the document before it (the same tokens scored; default: the text as one stream, context running across documents)"})
     json: bool = field(default=False, metadata={"help": "print one JSON object instead of the human-readable line"})
 
     RENAMED_FLAGS = {"--dtype": "--autocast"}
@@ -77,7 +78,8 @@ def run(cfg: EvaluateConfig, progress_stream=None) -> dict:
         raise ValueError(f"--stride {stride} is larger than --seq-len {seq_len}: some tokens would never be scored")
     start = time.perf_counter()
     progress = _Progress(progress_stream, start, device) if progress_stream is not None else None
-    result = evaluate(model, ids, seq_len, stride, cfg.batch_size, autocast, progress=progress)
+    result = evaluate(model, ids, seq_len, stride, cfg.batch_size, autocast, progress=progress,
+                      per_document=cfg.per_document, eot=tokenizer.eot_token)
     result["seconds"] = round(time.perf_counter() - start, 3)
     result.update(weights=cfg.weights, data=cfg.data, autocast=str(autocast).removeprefix("torch.") if autocast else "off")
     return result
@@ -117,7 +119,10 @@ def main(argv=None) -> None:
     else:
         print(f"perplexity {result['perplexity']:.4f} (loss {result['loss']:.4f} nats/token), "
               f"{result['bits_per_byte']:.4f} bits per byte; {result['tokens']:,} tokens, {result['bytes']:,} bytes; "
-              f"seq-len {result['seq_len']}, stride {result['stride']}, {result['windows']:,} windows, {result['seconds']:.1f} s")
+              f"seq-len {result['seq_len']}, stride {result['stride']}, {result['windows']:,} windows, {result['seconds']:.1f} s; "
+              + (f"per document: each of the {result['documents']:,} documents without context from the one before"
+                 if result["mode"] == "per-document" else
+                 f"one stream: context runs across the {result['documents']:,} documents (--per-document: each alone)"))
 
 
 if __name__ == "__main__":

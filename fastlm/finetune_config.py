@@ -46,6 +46,8 @@ class FinetuneConfig:
     lora_targets: str = field(default="c_attn,c_proj,c_fc", metadata={"help": "comma-separated projections that get adapters"})
     lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA branch's input"})
     fsdp: bool = field(default=False, metadata={"help": "under torchrun: shard weights, gradients and optimizer state across the processes (FSDP2) instead of replicating them (DDP)"})
+    dropout: float | None = field(default=None, metadata={"help": "dropout probability on the embeddings, the attention probabilities and the residual branches, all three (default: the checkpoint's config.json values, GPT-2's 0.1, as transformers trains with; none from scratch)"})
+    pack: bool = field(default=False, metadata={"help": "attend only within each document: positions restart at each document and nothing is attended or predicted across a boundary (windows over the stream otherwise; see fastlm.packing)"})
 
     RENAMED_FLAGS = {"--dtype": "--autocast"}
 
@@ -77,3 +79,5 @@ def validate(cfg: FinetuneConfig) -> None:
         raise ValueError(f"--lora-alpha must be positive, got {cfg.lora_alpha}")
     if not 0 <= cfg.lora_dropout < 1:
         raise ValueError(f"--lora-dropout must be in [0, 1), got {cfg.lora_dropout}")
+    if cfg.dropout is not None and not 0 <= cfg.dropout < 1:
+        raise ValueError(f"--dropout must be in [0, 1), got {cfg.dropout}")

@@ -12,6 +12,21 @@ device that cannot run Triton is an error at the first forward.
 The residual stream: a block hands its MLP output to the next block's first norm, which adds it to the
 stream and normalises the sum in one step (`Ops.layer_norm(x, norm, residual)`), as flash-attention's
 prenorm blocks do; the final norm adds the last block's output.
+
+Dropout (GPTConfig's embd_pdrop, attn_pdrop, resid_pdrop; training mode only): nn.Dropout on the embeddings and
+on each branch before the residual add, and on the attention probabilities inside the attention op (the
+kernel's Philox dropout on triton, SDPA's dropout_p on torch), each drawing from torch's generator on the
+model's device. In eval mode, or with p = 0, nothing is drawn and the ops are the dropout-free ones.
+
+Packed documents: `model(idx, targets, cu_seqlens=..., position_ids=...)` runs a batch whose rows each hold
+several documents end to end. cu_seqlens (n_docs + 1,) int32 are the documents' offsets into the flattened
+B * T tokens (cu_seqlens[0] = 0, cu_seqlens[-1] = B * T, no document crossing from one row into the next):
+a token attends only to the earlier tokens of its own document. position_ids (B, T) are the tokens' positions
+for the position embedding (default: restarting at 0 at each document's first token, derived from cu_seqlens
+on the device). Attention is kernels.varlen_attention on triton (q, k, v as (B * T, nh, hs) views, max_seqlen
+T: a constant, so a compiled model does not recompile for new document lengths), SDPA with a block-diagonal
+causal mask built on the device on torch; neither reads the boundaries on the host. fastlm.packing builds both
+tensors from token ids.
 """
 from __future__ import annotations
 
@@ -33,12 +48,22 @@ BACKENDS = ("auto", "triton", "torch")
 
 # -----------------------------------------------------------------------------
 @dataclass(frozen=True)
+class Documents:
+    """The document boundaries of a packed batch (B, T), as the attention ops read them."""
+
+    cu_seqlens: Tensor   # (n_docs + 1,) int32 offsets into the B * T flattened tokens
+    max_seqlen: int      # T: no document is longer than its row
+    mask: Tensor | None  # (B, 1, T, T) bool, True where query i may see key j; built only where SDPA runs
+
+
+@dataclass(frozen=True)
 class Ops:
     """What the blocks and the loss call: one table per backend, chosen by `ops_for`."""
 
     name: str
     layer_norm: Callable  # (x, norm: nn.LayerNorm, residual=None) -> y, or with residual (y, x + residual)
-    attention: Callable   # (q, k, v) (B, nh, T, hs), (B, nh, S, hs) -> causal, bottom-right aligned when T < S
+    attention: Callable   # (q, k, v, dropout_p) (B, nh, T, hs), (B, nh, S, hs) -> causal, bottom-right when T < S
+    packed_attention: Callable  # (q, k, v (B, T, nh, hs), docs: Documents, dropout_p) -> (B, T, nh, hs)
     head_loss: Callable   # (h (N, C), weight (V, C), targets (N,), reduction) -> cross-entropy of h @ weight.T
 
 
@@ -64,8 +89,51 @@ def _triton_head_loss(h: Tensor, weight: Tensor, targets: Tensor, reduction: str
     return kernels.linear_cross_entropy(h, weight, targets, reduction=reduction)
 
 
-TORCH_OPS = Ops("torch", _torch_layer_norm, lambda q, k, v: kernels.attention_ref(q, k, v, causal=True), _torch_head_loss)
-TRITON_OPS = Ops("triton", _triton_layer_norm, lambda q, k, v: kernels.attention(q, k, v, causal=True), _triton_head_loss)
+def _torch_attention(q: Tensor, k: Tensor, v: Tensor, dropout_p: float) -> Tensor:
+    return kernels.attention_ref(q, k, v, causal=True, dropout_p=dropout_p)
+
+
+def _triton_attention(q: Tensor, k: Tensor, v: Tensor, dropout_p: float) -> Tensor:
+    return kernels.attention(q, k, v, causal=True, dropout_p=dropout_p)
+
+
+def _varlen_kernel() -> Callable | None:
+    """kernels.varlen_attention, or None while this kernels package has none (then SDPA with the mask runs)."""
+    return getattr(kernels, "varlen_attention", None)
+
+
+def _torch_packed_attention(q: Tensor, k: Tensor, v: Tensor, docs: Documents, dropout_p: float) -> Tensor:
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs) views
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=docs.mask, dropout_p=dropout_p).transpose(1, 2)
+
+
+def _triton_packed_attention(q: Tensor, k: Tensor, v: Tensor, docs: Documents, dropout_p: float) -> Tensor:
+    varlen = _varlen_kernel()
+    if varlen is None or docs.mask is not None:
+        return _torch_packed_attention(q, k, v, docs, dropout_p)
+    B, T, nh, hs = q.shape
+    q, k, v = (t.flatten(0, 1) for t in (q, k, v))  # (B * T, nh, hs) views of the fused projection, no copies
+    y = varlen(q, k, v, docs.cu_seqlens, docs.cu_seqlens, docs.max_seqlen, docs.max_seqlen, causal=True,
+               dropout_p=dropout_p)
+    return y.view(B, T, nh, hs)
+
+
+TORCH_OPS = Ops("torch", _torch_layer_norm, _torch_attention, _torch_packed_attention, _torch_head_loss)
+TRITON_OPS = Ops("triton", _triton_layer_norm, _triton_attention, _triton_packed_attention, _triton_head_loss)
+
+
+def documents(cu_seqlens: Tensor, B: int, T: int, ops: Ops) -> tuple[Documents, Tensor]:
+    """The Documents of a packed (B, T) batch and each token's position in its document (B, T), on cu_seqlens'
+    device without a host sync; the mask only for the ops that need it (SDPA)."""
+    tokens = torch.arange(B * T, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
+    doc = torch.searchsorted(cu_seqlens, tokens, right=True) - 1  # (B * T,) the document of each token
+    positions = (tokens - cu_seqlens[doc]).long().view(B, T)
+    mask = None
+    if ops is TORCH_OPS or _varlen_kernel() is None:
+        doc = doc.view(B, T)
+        causal = torch.ones(T, T, dtype=torch.bool, device=cu_seqlens.device).tril()
+        mask = ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]  # (B, 1, T, T) block-diagonal, causal
+    return Documents(cu_seqlens, T, mask), positions
 
 
 def ops_for(backend: str, device: torch.device) -> Ops:
@@ -116,20 +184,25 @@ class CausalSelfAttention(nn.Module):
         self.n_head, self.head_dim = config.n_head, config.head_dim
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
-        self.resid_dropout = nn.Dropout(config.dropout)
+        self.attn_pdrop = config.attn_pdrop  # on the attention probabilities, inside the attention op
+        self.resid_dropout = nn.Dropout(config.resid_pdrop)
 
-    def forward(self, x: Tensor, step: CacheStep | None = None) -> Tensor:
+    def forward(self, x: Tensor, step: CacheStep | None = None, docs: Documents | None = None) -> Tensor:
         B, T, C = x.shape
+        p = self.attn_pdrop if self.training else 0.0
         qkv = self.c_attn(x).view(B, T, 3, self.n_head, self.head_dim)
+        if docs is not None:
+            y = self.ops.packed_attention(*qkv.unbind(2), docs, p)  # (B, T, nh, hs) in, (B, T, nh, hs) out
+            return self.resid_dropout(self.c_proj(y.reshape(B, T, C)))
         q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # (B, nh, T, hs) strided views, no copies
         if step is None:
-            y = self.ops.attention(q, k, v)
+            y = self.ops.attention(q, k, v, p)
         else:
             k, v = step.cache.update(self.layer, step.positions, k, v)
             if step.decode_mask is not None:
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=step.decode_mask)
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=step.decode_mask, dropout_p=p)
             else:  # several new tokens: causal over what the cache holds, aligned to its end
-                y = self.ops.attention(q, k[:, :, :step.end], v[:, :, :step.end])
+                y = self.ops.attention(q, k[:, :, :step.end], v[:, :, :step.end], p)
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -139,7 +212,7 @@ class MLP(nn.Module):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = nn.Dropout(config.resid_pdrop)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
@@ -154,19 +227,21 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x: Tensor, pending: Tensor | None, step: CacheStep | None = None) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, pending: Tensor | None, step: CacheStep | None = None,
+                docs: Documents | None = None) -> tuple[Tensor, Tensor]:
         """x: the residual stream (B, T, C); pending: the previous block's MLP output, not yet added to it (None
         in the first block). Returns the stream and this block's MLP output, for the next norm to add."""
         if pending is None:
             h = self.ops.layer_norm(x, self.ln_1)
         else:
             h, x = self.ops.layer_norm(pending, self.ln_1, x)
-        h, x = self.ops.layer_norm(self.attn(h, step), self.ln_2, x)
+        h, x = self.ops.layer_norm(self.attn(h, step, docs), self.ln_2, x)
         return x, self.mlp(h)
 
 
 class GPT(nn.Module):
-    """GPT-2. `model(idx)` -> logits (B, T, vocab); `model(idx, targets)` -> mean loss over targets != -100."""
+    """GPT-2. `model(idx)` -> logits (B, T, vocab); `model(idx, targets)` -> mean loss over targets != -100;
+    `model(idx, targets, cu_seqlens=...)`: a packed batch of documents (see the module docstring)."""
 
     def __init__(self, config: GPTConfig, backend: str = "auto"):
         super().__init__()
@@ -177,7 +252,7 @@ class GPT(nn.Module):
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
             wpe=nn.Embedding(config.block_size, config.n_embd),
-            drop=nn.Dropout(config.dropout),
+            drop=nn.Dropout(config.embd_pdrop),
             h=nn.ModuleList(Block(config, i, self.ops) for i in range(config.n_layer)),
             ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps),
         ))
@@ -227,27 +302,40 @@ class GPT(nn.Module):
     @classmethod
     def from_pretrained(cls, path, backend: str = "auto", device=None, dtype: torch.dtype | None = None) -> "GPT":
         """Load GPT-2 safetensors (a file, or a directory with model.safetensors / a sharded index and perhaps
-        config.json) in either Hugging Face layout. Errors name the file and the key (fastlm.weights.WeightsError)."""
+        config.json) in either Hugging Face layout, in eval mode (call .train() to train with the config's dropout).
+        Errors name the file and the key (fastlm.weights.WeightsError)."""
         config, state = weights.load_state(path, cls.state_shapes)
         with torch.device("meta"):
             model = cls(config, backend)
         weights.load_into(model, state, device=device, dtype=dtype)
         model.resolve_ops()
-        return model
+        return model.eval()  # as transformers' from_pretrained: no dropout until .train()
 
     def save_pretrained(self, directory) -> None:
         """Write model.safetensors + config.json that transformers' GPT2LMHeadModel.from_pretrained loads."""
         weights.save(self, directory)
 
+    def set_dropout(self, embd_pdrop: float, attn_pdrop: float, resid_pdrop: float) -> None:
+        """Train with these dropout probabilities from now on (config and modules; they act in training mode)."""
+        self.config = self.config.replace(embd_pdrop=embd_pdrop, attn_pdrop=attn_pdrop, resid_pdrop=resid_pdrop)
+        self.transformer.drop.p = embd_pdrop
+        for block in self.transformer.h:
+            block.attn.attn_pdrop = attn_pdrop
+            block.attn.resid_dropout.p = block.mlp.dropout.p = resid_pdrop
+
     def num_parameters(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
 
     # ---- forward and loss --------------------------------------------------------------------------------
-    def hidden_states(self, idx: Tensor, step: CacheStep | None = None, prompt: Tensor | None = None) -> Tensor:
+    def hidden_states(self, idx: Tensor, step: CacheStep | None = None, prompt: Tensor | None = None,
+                      cu_seqlens: Tensor | None = None, position_ids: Tensor | None = None) -> Tensor:
         """Final-norm hidden states (B, T, C) of token ids idx (B, T); with `step`, through the KV cache.
 
         prompt: (N, C) soft-prompt embeddings put before idx's, as PEFT's prompt tuning does: they take positions
         0..N-1 (step.positions then covers N + T) and the tokens follow; only the tokens' states are returned.
+        cu_seqlens: (n_docs + 1,) int32, a packed batch's document offsets into the B * T tokens (attention stays in
+        each document); position_ids: (B, T) the tokens' positions (default: 0..T-1 in every row, or with
+        cu_seqlens from 0 at each document's first token). See the module docstring.
         """
         B, T = idx.shape
         N = 0 if prompt is None else prompt.shape[0]
@@ -255,16 +343,38 @@ class GPT(nn.Module):
             raise ValueError(f"GPT: sequence length {T}{f' + {N} virtual tokens' if N else ''} is longer than the "
                              f"context of {self.config.block_size} tokens")
         self._check_device(idx)
-        pos = torch.arange(N + T, device=idx.device) if step is None else step.positions
+        docs = None
+        if cu_seqlens is not None or position_ids is not None:
+            self._check_packing(idx, step, prompt, cu_seqlens, position_ids)
+        if cu_seqlens is not None:
+            docs, doc_positions = documents(cu_seqlens, B, T, self.ops)
+            position_ids = doc_positions if position_ids is None else position_ids
+        if position_ids is not None:
+            pos = position_ids  # (B, T)
+        else:
+            pos = torch.arange(N + T, device=idx.device) if step is None else step.positions
         tok = self.transformer.wte(idx)
         if prompt is not None:
             tok = torch.cat([prompt.to(tok.dtype).expand(B, -1, -1), tok], dim=1)  # (B, N + T, C)
         x = self.transformer.drop(tok + self.transformer.wpe(pos))
         pending = None
         for block in self.transformer.h:
-            x, pending = block(x, pending, step)
+            x, pending = block(x, pending, step, docs)
         h, _ = self.ops.layer_norm(pending, self.transformer.ln_f, x)
         return h if prompt is None else h[:, N:]
+
+    @staticmethod
+    def _check_packing(idx: Tensor, step, prompt, cu_seqlens: Tensor | None, position_ids: Tensor | None) -> None:
+        """Shapes and dtypes only: the values stay on the device (reading them would cost a host sync)."""
+        if step is not None or prompt is not None:
+            raise ValueError("GPT: cu_seqlens/position_ids (packed documents) do not combine with the KV cache or a "
+                             "soft prompt")
+        if position_ids is not None and position_ids.shape != idx.shape:
+            raise ValueError(f"GPT: position_ids must be idx's shape {tuple(idx.shape)}, got {tuple(position_ids.shape)}")
+        if cu_seqlens is not None and (cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.dtype != torch.int32
+                                       or cu_seqlens.device != idx.device):
+            raise ValueError(f"GPT: cu_seqlens must be a 1-d int32 tensor of n_docs + 1 >= 2 offsets on idx's device "
+                             f"{idx.device}, got {cu_seqlens.dtype} of shape {tuple(cu_seqlens.shape)} on {cu_seqlens.device}")
 
     def loss(self, h: Tensor, targets: Tensor, reduction: str = "mean", fp32_head: bool = False) -> Tensor:
         """Cross-entropy of the LM head on hidden states h (B, T, C) against targets (B, T); -100 is ignored.
@@ -278,10 +388,14 @@ class GPT(nn.Module):
                 return self.ops.head_loss(h.float(), weight.float(), targets, reduction)
         return self.ops.head_loss(h, weight, targets, reduction)
 
-    def forward(self, idx: Tensor, targets: Tensor | None = None) -> Tensor:
+    def forward(self, idx: Tensor, targets: Tensor | None = None, cu_seqlens: Tensor | None = None,
+                position_ids: Tensor | None = None) -> Tensor:
         """idx (B, T) token ids. Returns logits (B, T, vocab), or with targets (B, T) the mean loss; a model with a
-        soft prompt puts it first (the logits and the loss are still the T tokens')."""
-        h = self.hidden_states(idx, prompt=None if self.soft_prompt is None else self.soft_prompt.weight)
+        soft prompt puts it first (the logits and the loss are still the T tokens'). cu_seqlens (n_docs + 1,)
+        int32 and position_ids (B, T): a packed batch (see hidden_states); its mean loss is the token-weighted mean
+        of the documents' own losses."""
+        prompt = None if self.soft_prompt is None else self.soft_prompt.weight
+        h = self.hidden_states(idx, prompt=prompt, cu_seqlens=cu_seqlens, position_ids=position_ids)
         return self.lm_head(h) if targets is None else self.loss(h, targets)
 
     # ---- generation -------------------------------------------------------------------------------------

@@ -22,6 +22,13 @@ of their GPT-2 byte-level BPE byte strings, which is the text's UTF-8 length les
 is part of that text and counts its 13 bytes. Normalised by bytes rather than tokens, bits per byte compares
 models with different tokenizers.
 
+Per document (per_document=True, `--per-document`): the same windows and the same scored tokens, but each token
+attends only to its own document, with positions from 0 at the document's start (fastlm.packing's boundaries,
+as `finetune --pack` trains: a document begins after each <|endoftext|>, which is its first token, and ends by
+predicting the next <|endoftext|>). A token then has as context the tokens of its document before it within its
+window (up to seq_len; at least all of them or seq_len - stride + 1, as above), never the previous document's;
+tokens and bytes are those of the default mode, so the two perplexities compare directly.
+
 The hidden states come from GPT.hidden_states (bfloat16 autocast on CUDA by default); the LM head and the
 summed cross-entropy are GPT.loss with an fp32 head, whichever backend runs (on triton the logits are never
 built). Sums accumulate in fp64 on the device and are read back once, at the end.
@@ -38,7 +45,10 @@ import torch
 from torch import Tensor
 
 from fastlm.model import GPT
+from fastlm.packing import document_boundaries
 from fastlm.tokenizer import ASSETS
+
+EOT = 50256  # GPT-2's <|endoftext|>
 
 
 def windows(n: int, seq_len: int, stride: int) -> list[tuple[int, int, int]]:
@@ -83,16 +93,16 @@ def _batches(spans: list[tuple[int, int, int]], batch_size: int):
         yield batch
 
 
-def _summed_nll(model: GPT, x: Tensor, y: Tensor) -> Tensor:
-    """Sum of -ln p(y | x) over the targets != -100, fp32. x, y: (B, T)."""
+def _summed_nll(model: GPT, x: Tensor, y: Tensor, packing: dict) -> Tensor:
+    """Sum of -ln p(y | x) over the targets != -100, fp32. x, y: (B, T); packing: the documents' boundaries."""
     # an fp32 head and loss: a 16-bit sum of a few thousand nats is off in the second decimal
-    return model.loss(model.hidden_states(x), y, reduction="sum", fp32_head=True)
+    return model.loss(model.hidden_states(x, **packing), y, reduction="sum", fp32_head=True)
 
 
 @torch.no_grad()
 def evaluate(model: GPT, ids: Tensor, seq_len: int | None = None, stride: int | None = None, batch_size: int = 1,
              autocast_dtype: torch.dtype | None = None, token_bytes: Tensor | None = None,
-             progress: Callable[[int, int], None] | None = None) -> dict:
+             progress: Callable[[int, int], None] | None = None, per_document: bool = False, eot: int = EOT) -> dict:
     """Strided-window perplexity of `model` on the token ids (n,) (see the module docstring).
 
     Args:
@@ -102,9 +112,11 @@ def evaluate(model: GPT, ids: Tensor, seq_len: int | None = None, stride: int | 
         autocast_dtype: e.g. torch.bfloat16 to run the model body under autocast; None: the weights' dtype.
         token_bytes: (vocab,) byte length of each token id for bits per byte (default: GPT-2's).
         progress: called as progress(windows done, windows in all) after each batch (it may sync to show it).
+        per_document: each token sees only its own document (see the module docstring); eot: the token that
+            separates documents (GPT-2's <|endoftext|>).
 
     Returns a dict: perplexity, bits_per_byte, loss (nats per token), nll (nats), tokens (n - 1), bytes,
-    seq_len, stride, windows.
+    seq_len, stride, windows, mode ("per-document" or "stream"), documents (how many the text holds).
     """
     ids = torch.as_tensor(ids).flatten().long()
     n = ids.numel()
@@ -121,6 +133,8 @@ def evaluate(model: GPT, ids: Tensor, seq_len: int | None = None, stride: int | 
         raise ValueError(f"token id {high if low >= 0 else low} is outside the vocabulary (the model's "
                          f"{model.config.vocab_size}, the byte table's {len(token_bytes)})")
     n_bytes = int(token_bytes[ids[1:].cpu()].sum())
+    host_ids = ids.cpu()
+    documents = int((host_ids == eot).sum()) + 1
 
     device = model.lm_head.weight.device
     ids = ids.to(device)
@@ -136,8 +150,13 @@ def evaluate(model: GPT, ids: Tensor, seq_len: int | None = None, stride: int | 
             rows = ids[begins[:, None] + torch.arange(T + 1, device=device)]  # (B, T + 1)
             x, y = rows[:, :-1], rows[:, 1:].clone()
             y[torch.arange(T, device=device)[None, :] < (T - scored)[:, None]] = -100  # scored by an earlier window
+            packing = {}
+            if per_document:  # the boundaries from the host's copy of the ids: nothing is read back from the device
+                host_x = host_ids[torch.tensor([b for b, _, _ in batch])[:, None] + torch.arange(T)]
+                cu_seqlens, position_ids = document_boundaries(host_x, eot)
+                packing = dict(cu_seqlens=cu_seqlens.to(device), position_ids=position_ids.to(device))
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                total += _summed_nll(model, x, y).double()
+                total += _summed_nll(model, x, y, packing).double()
             done += len(batch)
             if progress is not None:
                 progress(done, len(spans))
@@ -146,7 +165,8 @@ def evaluate(model: GPT, ids: Tensor, seq_len: int | None = None, stride: int | 
     nll, tokens = total.item(), n - 1
     perplexity = math.exp(nll / tokens) if nll / tokens < 709 else math.inf  # math.exp overflows past 709
     return dict(perplexity=perplexity, bits_per_byte=nll / math.log(2) / n_bytes if n_bytes else None,
-                loss=nll / tokens, nll=nll, tokens=tokens, bytes=n_bytes, seq_len=seq_len, stride=stride, windows=len(spans))
+                loss=nll / tokens, nll=nll, tokens=tokens, bytes=n_bytes, seq_len=seq_len, stride=stride, windows=len(spans),
+                mode="per-document" if per_document else "stream", documents=documents)
 
 
 def text_ids(documents: list[str], tokenizer) -> Tensor:

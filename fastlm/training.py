@@ -17,6 +17,16 @@ after the final checkpoint, model.safetensors last, so a run killed at any momen
 resumes to completion (--resume of a run killed in its final save finishes that save). One run per --out (a
 lock, fastlm.checkpoint).
 
+Dropout: the model's config (a checkpoint's config.json: GPT-2's 0.1 on embeddings, attention probabilities and
+residuals, as transformers trains with; none from scratch), or --dropout P for all three; the start line says
+which. torch's generators, which draw the masks, are seeded per rank (checkpoint.rank_seed), so every rank draws
+its own masks, and every rank's generator states go into checkpoint.pt, so a resumed run draws the masks the
+uninterrupted run would have (same processes, batch size and accumulation).
+
+--pack: the same windows, but each token attends only to its own document and positions restart at each
+document's first token (fastlm.packing says where documents begin and how a cut one continues); validation
+too. Without it, windows over the stream attend across documents, as GPT-2's pretraining did.
+
 What trains (fastlm.trainable): everything, or only the last --train-layers blocks and/or the parameters named by
 --trainable, or low-rank adapters (--lora-rank) on a frozen base. A LoRA run also writes its adapters in Hugging
 Face PEFT's layout (adapter/); model.safetensors is always the whole (merged) model.
@@ -42,7 +52,7 @@ import torch
 from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
 from fastlm import checkpoint as ckpt
-from fastlm import distributed, lora, weights
+from fastlm import distributed, lora, packing, weights
 from fastlm.config import GPTConfig
 from fastlm.data import Splits, eval_windows, random_windows, read_documents, split, tokenize
 from fastlm.distributed import Parallel, World
@@ -149,7 +159,7 @@ def prepare(cfg: FinetuneConfig, world: World, device: torch.device) -> Setup:
     elif cfg.resume:
         checkpoint = ckpt.load_checkpoint(out / "checkpoint.pt", world)
     if checkpoint is not None:
-        model = GPT(GPTConfig(**checkpoint["model_config"]), backend=cfg.backend)
+        model = GPT(GPTConfig.from_dict(checkpoint["model_config"]), backend=cfg.backend)
         base_weights = checkpoint["base_weights"]
     elif cfg.weights is not None:
         if not Path(cfg.weights).exists():
@@ -167,6 +177,7 @@ def prepare(cfg: FinetuneConfig, world: World, device: torch.device) -> Setup:
     cfg, note = resolve_sizes(cfg, model, base_weights, checkpoint, device)
     if note:
         world.print(note)
+    world.print(choose_dropout(model, cfg, checkpoint))
     if checkpoint is not None:
         ckpt.check_resumable(checkpoint, cfg, windows_per_step(cfg, world), world.size,
                              complete=ckpt.final_save_done(out, checkpoint["step"]))
@@ -194,6 +205,32 @@ def prepare(cfg: FinetuneConfig, world: World, device: torch.device) -> Setup:
     return Setup(cfg, model, trains, tokenizer, splits, source, out, checkpoint, metrics, base_weights)
 
 
+def choose_dropout(model: GPT, cfg: FinetuneConfig, checkpoint: dict | None) -> str:
+    """Set the model's dropout for this run: --dropout P (all three), else the model's own config (a checkpoint's
+    config.json, or none from scratch); a resumed run keeps its own. Returns the start line that says which."""
+    if checkpoint is not None:
+        trained = tuple(model.config.dropouts.values())
+        if cfg.dropout is not None and trained != (cfg.dropout,) * 3:
+            raise ValueError(f"--resume: --dropout is {cfg.dropout} but the checkpoint was trained with "
+                             f"{_dropout_words(model)}; resume with the same value, or leave --dropout out")
+        source = "as the run being resumed"
+    elif cfg.dropout is not None:
+        model.set_dropout(cfg.dropout, cfg.dropout, cfg.dropout)
+        source = "--dropout"
+    elif cfg.weights is not None:
+        source = "the checkpoint's config.json; --dropout P to change"
+    else:
+        source = "from scratch; --dropout P to add it"
+    return f"dropout: {_dropout_words(model)} ({source})"
+
+
+def _dropout_words(model: GPT) -> str:
+    c = model.config
+    if c.embd_pdrop == c.attn_pdrop == c.resid_pdrop:
+        return "none" if c.embd_pdrop == 0 else f"{c.embd_pdrop:g} on the embeddings, attention probabilities and residuals"
+    return f"embeddings {c.embd_pdrop:g}, attention probabilities {c.attn_pdrop:g}, residuals {c.resid_pdrop:g}"
+
+
 def resolve_sizes(cfg: FinetuneConfig, model: GPT, base_weights: str | None, checkpoint: dict | None,
                   device: torch.device) -> tuple[FinetuneConfig, str | None]:
     """--batch-size and --seq-len as this run uses them: as given, else a resumed run's own, else the defaults for
@@ -217,27 +254,40 @@ def resolve_sizes(cfg: FinetuneConfig, model: GPT, base_weights: str | None, che
 
 # -----------------------------------------------------------------------------
 def validation_loss(parallel: Parallel, world: World, val_x: torch.Tensor, val_y: torch.Tensor, batch_size: int,
-                    autocast) -> float:
-    """Mean validation loss over every rank's share (equal-sized batches, so the mean of batch means)."""
+                    autocast, eot: int | None = None) -> float:
+    """Mean validation loss over every rank's share (equal-sized batches, so the mean of batch means); with eot
+    (--pack), each document on its own (fastlm.packing)."""
     parallel.model.eval()
     device = next(parallel.model.parameters()).device
     total = torch.zeros((), device=device)
     with torch.no_grad(), autocast():
         for x, y in zip(val_x.split(batch_size), val_y.split(batch_size)):
-            total += parallel.forward(x.to(device), y.to(device)).float()
+            total += parallel.forward(x.to(device), y.to(device), **packed(x, eot, device)).float()
     parallel.model.train()
     batches = len(val_x.split(batch_size)) * world.size
     return (distributed.all_reduce_sum(world, total) / batches).item()
 
 
-def train_step(parallel: Parallel, world: World, x: torch.Tensor, y: torch.Tensor, count: torch.Tensor, autocast) -> torch.Tensor:
+def packed(x: torch.Tensor, eot: int | None, device: torch.device) -> dict:
+    """The model's packing arguments for CPU rows x (B, T) (none without --pack: eot None), on the device."""
+    if eot is None:
+        return {}
+    cu_seqlens, position_ids = packing.document_boundaries(x, eot)
+    cu_seqlens = cu_seqlens.to(device, non_blocking=True)
+    torch._dynamo.maybe_mark_dynamic(cu_seqlens, 0)  # a new document count is no reason to compile again
+    return dict(cu_seqlens=cu_seqlens, position_ids=position_ids.to(device, non_blocking=True))
+
+
+def train_step(parallel: Parallel, world: World, x: torch.Tensor, y: torch.Tensor, count: torch.Tensor, autocast,
+               docs: list[dict] | None = None) -> torch.Tensor:
     """Forward and backward of one step's micro-batches x, y (A, B, T) on this rank; returns its share of the
-    step's loss. count: the whole step's target tokens over all ranks, so each micro-batch weighs its share."""
+    step's loss. count: the whole step's target tokens over all ranks, so each micro-batch weighs its share.
+    docs: per micro-batch, the packing arguments (packed()), with --pack."""
     step_loss = torch.zeros((), device=x.device)
     for micro, (xm, ym) in enumerate(zip(x, y)):
         with parallel.micro_step(last=micro == len(x) - 1):
             with autocast():
-                loss = parallel.train(xm, ym).float() * ((ym != -100).sum() / count)
+                loss = parallel.train(xm, ym, **(docs[micro] if docs else {})).float() * ((ym != -100).sum() / count)
             (loss * world.size).backward()  # DDP and FSDP average over ranks: the sum of the shares is the step's mean
         step_loss += loss.detach()
     return step_loss
@@ -262,11 +312,22 @@ def train(cfg: FinetuneConfig, world: World, device: torch.device, setup: Setup)
     optimizer = make_optimizer(model, cfg, device)
     data_rng = torch.Generator().manual_seed(cfg.seed)
     step, metrics, saved_step = 0, setup.metrics, None
+    # Each rank's own stream for torch's generators (its dropout masks), not the one that initialised the model.
+    torch.manual_seed(ckpt.rank_seed(cfg.seed, world.rank))
     if setup.checkpoint is not None:
         ckpt.load_optimizer_state(model, optimizer, setup.checkpoint["optimizer"])
-        ckpt.restore_rng_states(setup.checkpoint["rng"], data_rng, device)
         step = saved_step = setup.checkpoint["step"]
+        exact = ckpt.restore_rng_states(setup.checkpoint["rng"], data_rng, device, world, cfg.seed, step)
+        if not exact and any(model.config.dropouts.values()):
+            world.print(f"--resume: the checkpoint holds no generator states for {world.size} process(es): the dropout "
+                        f"masks from here on are drawn afresh (the data and everything else continue exactly)")
         setup.checkpoint = None  # the weights and optimizer state are in place: free the host copy
+    eot = setup.tokenizer.eot_token if cfg.pack else None
+    if cfg.pack:
+        world.print(f"--pack: each token attends only to its own document, positions from 0 in each (rows of "
+                    f"{seq_len} tokens cut from the stream; a document cut by a row's edge continues as a new one); "
+                    f"padding each of the {len(packing.document_lengths(splits.train, eot)):,} training documents to "
+                    f"rows of its own would waste {packing.padding_waste(splits.train, eot, seq_len):.1%} of the tokens")
 
     B, A, W = cfg.batch_size, cfg.grad_accum, world.size
     tokens_per_step = windows_per_step(cfg, world) * seq_len  # the whole job's
@@ -280,11 +341,12 @@ def train(cfg: FinetuneConfig, world: World, device: torch.device, setup: Setup)
         torch.cuda.reset_peak_memory_stats(device)
 
     def save(step: int) -> None:
+        rng = ckpt.rng_states(data_rng, device, world)  # every rank's generators (a collective)
         if not (world.is_main or parallel.sharded):
             return
         try:
             ckpt.save_checkpoint(out / "checkpoint.pt", model, optimizer, world, dict(
-                step=step, rng=ckpt.rng_states(data_rng, device), model_config=dataclasses.asdict(model.config),
+                step=step, rng=rng, model_config=dataclasses.asdict(model.config),
                 data_key=splits.key, finetune_config=dataclasses.asdict(cfg), windows_per_step=windows_per_step(cfg, world),
                 base_weights=setup.base_weights, val_split=VAL_SPLIT))
         except ckpt.NotFinite as e:  # the update of this step, after a finite loss, overflowed
@@ -301,8 +363,9 @@ def train(cfg: FinetuneConfig, world: World, device: torch.device, setup: Setup)
             x, y = random_windows(splits.train, B * A * W, seq_len, data_rng)
             count = (y != -100).sum().clamp(min=1)
             x, y = x.view(A, W, B, seq_len)[:, world.rank], y.view(A, W, B, seq_len)[:, world.rank]
+            docs = [packed(xm, eot, device) for xm in x] if cfg.pack else None
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            step_loss = train_step(parallel, world, x, y, count.to(device, non_blocking=True), autocast)
+            step_loss = train_step(parallel, world, x, y, count.to(device, non_blocking=True), autocast, docs)
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], cfg.grad_clip)
             optimizer.step()
@@ -327,7 +390,7 @@ def train(cfg: FinetuneConfig, world: World, device: torch.device, setup: Setup)
                 pending, last_time = [], now
                 _stop_if_diverged(metrics, "loss", len(losses), world, out, saved_step, cfg)
                 if evaluating:
-                    metrics[-1]["val_loss"] = validation_loss(parallel, world, val_x, val_y, B, autocast)
+                    metrics[-1]["val_loss"] = validation_loss(parallel, world, val_x, val_y, B, autocast, eot)
                     last_time = time.perf_counter()  # evaluation time is not training throughput
                     _stop_if_diverged(metrics, "val_loss", 1, world, out, saved_step, cfg)
                 if world.is_main:

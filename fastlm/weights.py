@@ -2,7 +2,8 @@
 
 In: a `.safetensors` file, or a directory with `model.safetensors` or a sharded `model.safetensors.index.json`,
 and `config.json` when there is one (otherwise the config is inferred from the tensors: GPT-2's head dim is 64
-in every published size). Both key layouts load: today's `transformer.h.0.attn.c_attn.weight` and the original
+in every published size, and its dropout 0.1). The config's three dropout probabilities (embd_pdrop, attn_pdrop,
+resid_pdrop) are read from config.json and written back to it. Both key layouts load: today's `transformer.h.0.attn.c_attn.weight` and the original
 hub file's `h.0.attn.c_attn.weight` with its `h.N.attn.bias` / `h.N.attn.masked_bias` mask buffers (dropped).
 GPT-2's Conv1D weights are stored (in, out) and transposed to nn.Linear's (out, in). The tensors are read
 through safetensors' memory map and the model is built on the meta device, so nothing is initialised twice.
@@ -36,7 +37,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from fastlm.config import GPTConfig
+from fastlm.config import GPT2_PDROP, GPTConfig
 from fastlm.files import atomic_write, atomic_write_text
 
 CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -113,7 +114,7 @@ def _infer_config(tensors: dict[str, torch.Tensor], source: Path) -> GPTConfig:
     if n_embd % GPT2_HEAD_DIM:
         raise WeightsError(f"{source}: n_embd {n_embd} is not a multiple of GPT-2's head dim 64; add a config.json with n_head")
     return GPTConfig(block_size=wpe.shape[0], vocab_size=wte.shape[0], n_layer=max(layers, default=-1) + 1,
-                     n_head=n_embd // GPT2_HEAD_DIM, n_embd=n_embd)
+                     n_head=n_embd // GPT2_HEAD_DIM, n_embd=n_embd).with_dropout(GPT2_PDROP)  # GPT-2's, as from_hf
 
 
 def load_state(path: str | os.PathLike, expected_shapes: Callable[[GPTConfig], dict[str, torch.Size]]

@@ -3,14 +3,12 @@ with FSDP2, a checkpoint resumes on another number of processes and layout, and 
 stops the whole job with one line."""
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 
@@ -19,7 +17,7 @@ import fastlm.finetune as finetune
 import fastlm.training as training
 from fastlm import GPT
 from fastlm.distributed import World, world_from_env
-from tests.fastlm.helpers import TEXT, config, read_metrics, signalled_after
+from tests.fastlm.helpers import TEXT, config, read_metrics, signalled_after, spawn
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
@@ -150,20 +148,6 @@ def test_world_from_torchrun_environment():
     with pytest.raises(ValueError, match="do not describe a process"):
         world_from_env({"RANK": "2", "WORLD_SIZE": "2"})
 
-
-
-def spawn(worker, cfg, out: Path, world_size: int = 2) -> None:
-    """Run worker(rank, cfg, out) in world_size processes joined in a gloo group (torch.multiprocessing)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_join_and_run, args=(world_size, port, worker, cfg, out), nprocs=world_size, join=True)
-
-
-def _join_and_run(rank: int, world_size: int, port: int, worker, cfg, out: Path) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    worker(rank, cfg, out)
 
 
 def _count_all_reduces(rank: int, cfg, out: Path) -> None:
