@@ -3,6 +3,10 @@
 Every flag is checked, and the model's limits too (the prompt must fit its context; --max-new-tokens is capped at
 what is left of it, said once on stderr), before anything is printed. The command line is parsed before torch is
 imported, so --help is instant.
+
+--prompt-dir applies a soft prompt (prompt tuning: `python -m fastlm.finetune --prompt-tokens N` writes one in
+OUT/prompt, and PEFT's save_pretrained of a GPT-2 prompt-tuning model writes the same files): its N virtual tokens
+go before --prompt's tokens, as PEFT's model puts them, and take N positions of the context.
 """
 from __future__ import annotations
 
@@ -30,6 +34,7 @@ class GenerateConfig:
     dtype: str = field(default="auto", metadata={"help": "the dtype the weights are loaded in, and the model computes in (auto: bfloat16 on CUDA, float32 elsewhere)", "choices": DTYPE_CHOICES})
     backend: str = field(default="auto", metadata={"help": "kernels: triton, torch, or auto", "choices": BACKEND_CHOICES})
     tokenizer: str | None = field(default=None, metadata={"help": "tokenizer.json or a directory (default: the bundled GPT-2 BPE)"})
+    prompt_dir: str | None = field(default=None, metadata={"help": "a soft prompt to put before --prompt: a prompt-tuning directory (adapter_config.json + adapter_model.safetensors, from fine-tuning's --prompt-tokens or PEFT)"})
 
 
 def validate(cfg: GenerateConfig) -> None:
@@ -67,6 +72,7 @@ def run(cfg: GenerateConfig) -> None:
     import torch
 
     from fastlm.model import GPT
+    from fastlm.prompt_tuning import load_prompt, num_virtual_tokens
     from fastlm.runtime import check_backend, resolve_device
     from fastlm.tokenizer import get_tokenizer
 
@@ -79,16 +85,21 @@ def run(cfg: GenerateConfig) -> None:
     if not prompt:
         raise ValueError("--prompt is empty: give at least one character")
     model = GPT.from_pretrained(cfg.weights, backend=cfg.backend, device=device, dtype=dtype).eval()
+    if cfg.prompt_dir is not None:
+        load_prompt(model, cfg.prompt_dir)  # errors name the file
+    virtual = num_virtual_tokens(model)
     context = model.config.block_size
     if max(prompt) >= model.config.vocab_size:
         raise ValueError(f"--prompt: the model's vocabulary of {model.config.vocab_size} does not cover its tokens "
                          f"(GPT-2 has 50257): not a model for this tokenizer")
-    if len(prompt) >= context:
-        raise ValueError(f"--prompt is {len(prompt)} tokens: the model's context of {context} leaves no room to generate")
-    new_tokens = min(cfg.max_new_tokens, context - len(prompt))
+    if virtual + len(prompt) >= context:
+        raise ValueError(f"--prompt is {len(prompt)} tokens" + (f", after {virtual} virtual tokens (--prompt-dir)" if virtual else "")
+                         + f": the model's context of {context} leaves no room to generate")
+    new_tokens = min(cfg.max_new_tokens, context - virtual - len(prompt))
     if new_tokens < cfg.max_new_tokens:
         print(f"note: --max-new-tokens {cfg.max_new_tokens} capped at {new_tokens}: the model's context is {context} "
-              f"tokens, {len(prompt)} of them the prompt's", file=sys.stderr)
+              f"tokens, {len(prompt)} of them the prompt's" + (f" and {virtual} the soft prompt's" if virtual else ""),
+              file=sys.stderr)
     eos = tokenizer.eot_token if tokenizer.eot_token < model.config.vocab_size else None
 
     torch.manual_seed(cfg.seed)
