@@ -9,7 +9,9 @@ exactly as PEFT's PeftModelForCausalLM builds it for GPT-2: it concatenates the 
 and passes no position ids, so GPT-2's position embeddings number the virtual tokens 0 .. N - 1 and the text's
 tokens from N on (in generation too: the cache continues from N + T). The virtual positions predict nothing: the
 model returns the hidden states (and logits, loss) of idx's tokens only, so the loss counts real tokens only and
-a sequence of T tokens needs N + T positions of context.
+a sequence of T tokens needs N + T positions of context. (PEFT's model, given labels equal to its input, also scores
+the first token from the last virtual position; a fastlm window of T + 1 tokens scores its last T, as without a
+prompt. With that first label -100, PEFT's loss is fastlm's: tested.)
 
 Initialisation (add_soft_prompt): from a text (PEFT's prompt_tuning_init="TEXT": the token embeddings of the
 text's GPT-2 tokens, cut to N or repeated to reach it), or random: N(0, s^2) with s the standard deviation of the
@@ -23,9 +25,10 @@ num_virtual_tokens, token_dim, num_transformer_submodules 1, ...) and adapter_mo
 prompt PEFT trained loads here.
 
 Training (setup, called by fastlm.trainable for --prompt-tokens): the model is frozen and the prompt alone requires
-grad, so the optimizer holds N x C parameters; the gradient still flows back through every block to the input, so
-activations are kept as in full fine-tuning (no weight gradients, no optimizer state for the model). A window of
-seq_len tokens takes N + seq_len positions: check_window says so when they exceed the context.
+grad, so the optimizer holds N x C parameters and the model has no gradients and no optimizer state. The gradient
+still flows back through every block to the input, so every block keeps the activations its input's gradient needs
+(not the inputs of its frozen matmuls, which only weight gradients read): about what LoRA on every block keeps. A
+window of seq_len tokens takes N + seq_len positions: check_window says so when they exceed the context.
 
 Limits: one soft prompt per model, decoder-only (num_transformer_submodules 1), no task ids (PEFT's multitask
 prompt tuning) and no prefix tuning or P-tuning (other prompt-learning methods of PEFT, refused on load).
