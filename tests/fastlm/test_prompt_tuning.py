@@ -200,7 +200,7 @@ def test_windows_leave_room_for_the_prompt(hf_dir):
     check_window(model, 54)
     with pytest.raises(ValueError) as info:
         check_window(model, 55)
-    assert str(info.value) == ("--seq-len 55 + 10 virtual tokens (--prompt-tokens) exceed the model's context of 64 "
+    assert str(info.value) == ("--seq-len 55 + 10 virtual tokens (the soft prompt) exceed the model's context of 64 "
                                "tokens: use --seq-len 54 or less")
     with pytest.raises(ValueError, match=r"sequence length 55 \+ 10 virtual tokens is longer than the context of 64"):
         model(torch.zeros(1, 55, dtype=torch.long, device=DEVICE))
