@@ -418,7 +418,8 @@ def train(cfg: FinetuneConfig, world: World, device: torch.device, setup: Setup)
     _print_summary(summary, cfg, out)
     print(f"losses: train = the mean over the last {summary['train_steps']} steps of each step's loss on its own batch "
           f"(before that step's update); val = the mean over {len(val_x) * W} fixed windows of {seq_len} tokens "
-          f"from the validation split ({splits.how}), at step {summary['val_step']}")
+          f"from the validation split ({splits.how}), at step {summary['val_step']}"
+          + ("; with --pack, each token within its own document, as in training" if cfg.pack else ""))
     if cfg.sample_tokens > 0:
         _print_sample(model, setup.tokenizer, cfg, device)
     return summary

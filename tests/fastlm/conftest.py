@@ -1,5 +1,7 @@
 """Fixtures of the fastlm tests: a small random GPT-2 from transformers (the reference) saved in its layouts, and
-a tiny GPT-2-vocabulary checkpoint with a corpus for fine-tuning runs."""
+a tiny GPT-2-vocabulary checkpoint with corpora for fine-tuning runs (one document, or many short ones)."""
+import json
+
 import pytest
 
 transformers = pytest.importorskip("transformers", reason="transformers is the GPT-2 reference (pip install -e '.[test]')")
@@ -32,4 +34,14 @@ def checkpoint(tmp_path_factory):
 def corpus(tmp_path):
     path = tmp_path / "corpus.txt"
     path.write_text(TEXT)
+    return path
+
+
+@pytest.fixture
+def documents(tmp_path):
+    """A .jsonl corpus of 60 documents of 1 to 6 sentences (some 15 to 90 tokens, so a window of 32 holds several
+    documents and cuts some)."""
+    sentences = [s.strip() + "." for s in TEXT.split(".") if s.strip()]
+    path = tmp_path / "documents.jsonl"
+    path.write_text("".join(json.dumps({"text": " ".join(sentences[i:i + 1 + i % 6])}) + "\n" for i in range(60)))
     return path

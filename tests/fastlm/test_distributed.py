@@ -217,3 +217,15 @@ def test_fsdp_shards_weights_and_optimizer_state_with_frozen_blocks(checkpoint, 
         assert seen["dtensors"], "every parameter is a DTensor shard"
         assert seen["local"] <= seen["whole"] / 2 + 1024 and seen["moments_local"] <= seen["moments_whole"] / 2 + 1024, seen
     assert_same_run(tmp_path / "one" / "out", tmp_path / "two" / "out")
+
+
+def _fine_tune(rank: int, cfg, out: Path) -> None:
+    finetune.run(cfg)
+
+
+def test_two_ranks_equal_one_process_with_pack(checkpoint, documents, tmp_path):
+    """--pack on many short documents: 2 DDP ranks x batch 2 (accumulating 2) are 1 process x batch 4."""
+    packed = dict(pack=True, **STEPS)
+    finetune.run(config(checkpoint, documents, tmp_path / "one", batch_size=4, **packed))
+    spawn(_fine_tune, config(checkpoint, documents, tmp_path / "two", batch_size=2, **packed), tmp_path)
+    assert_same_run(tmp_path / "one" / "out", tmp_path / "two" / "out")

@@ -175,6 +175,58 @@ def test_triton_backend_matches_torch():
     got = evaluate(triton_model.to(DEVICE), ids, 8, 3, batch_size=2, token_bytes=bytes_per_token)
     assert got["tokens"] == want["tokens"] == 28 and got["bytes"] == 28
     assert got["nll"] == pytest.approx(want["nll"], rel=1e-5)
+    ids[[5, 6, 17]] = 100  # <|endoftext|>'s stand-in: documents of 5, 1, 11 and 11 tokens
+    want = evaluate(torch_model, ids, 8, 3, batch_size=2, token_bytes=bytes_per_token, per_document=True, eot=100)
+    got = evaluate(triton_model, ids, 8, 3, batch_size=2, token_bytes=bytes_per_token, per_document=True, eot=100)
+    assert (got["mode"], got["documents"]) == ("per-document", 4)
+    assert got["nll"] == pytest.approx(want["nll"], rel=1e-5)
+
+
+DOCUMENTS = ["The tower opened in 1889.", "Visitors climbed 1,665 steps and paid 2 francs for the view.",
+             "Gustave Eiffel kept an office near the top.", "Short."]
+
+
+def per_document_reference(hf_model, ids: torch.Tensor, eot: int = 50256) -> float:
+    """transformers in float64 on each document alone: its inputs are the <|endoftext|> before it (none for the
+    first document) and its tokens; its targets the tokens after that first input and the <|endoftext|> after it
+    (none after the last). The summed NLL."""
+    model = copy.deepcopy(hf_model).double()
+    starts = [0] + (ids == eot).nonzero().flatten().tolist() + [len(ids) - 1]
+    nll = 0.0
+    for a, b in zip(starts[:-1], starts[1:]):
+        with torch.no_grad():
+            logits = model(ids[a:b][None]).logits[0]
+        nll += torch.nn.functional.cross_entropy(logits, ids[a + 1:b + 1], reduction="sum").item()
+    return nll
+
+
+def test_per_document_mode_scores_each_document_alone(hf_model, checkpoint):
+    """The same tokens scored as the stream mode, each from its own document only: windows of 32 with stride 16 give
+    every scored token at least 17 tokens of context, more than any document here has, so each token sees exactly
+    its document's earlier tokens, as the reference does."""
+    ids = text_ids(DOCUMENTS, get_tokenizer())
+    assert 32 < len(ids) and max(len(get_tokenizer().encode(d)) for d in DOCUMENTS) < 17
+    model = GPT.from_pretrained(checkpoint, backend="torch")
+    alone = evaluate(model, ids, 32, 16, batch_size=2, per_document=True)
+    stream = evaluate(model, ids, 32, 16, batch_size=2)
+    assert alone["nll"] == pytest.approx(per_document_reference(hf_model, ids), rel=1e-5)
+    assert (alone["mode"], stream["mode"], alone["documents"]) == ("per-document", "stream", 4)
+    assert (alone["tokens"], alone["bytes"]) == (stream["tokens"], stream["bytes"]), "the same tokens scored"
+    assert abs(alone["nll"] - stream["nll"]) / stream["nll"] > 1e-3, "context from the previous document would show"
+
+
+def test_cli_says_which_mode(checkpoint, tmp_path, capsys):
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCUMENTS))
+    common = ["--weights", str(checkpoint), "--data", str(tmp_path / "docs.jsonl"), "--device", "cpu", "--seq-len", "32"]
+    main(common + ["--per-document"])
+    line = capsys.readouterr().out
+    assert line.count("\n") == 1 and line.rstrip().endswith("per document: each of the 4 documents without context "
+                                                            "from the one before"), line
+    main(common)
+    assert capsys.readouterr().out.rstrip().endswith("one stream: context runs across the 4 documents "
+                                                     "(--per-document: each alone)")
+    main(common + ["--per-document", "--json"])
+    assert json.loads(capsys.readouterr().out)["mode"] == "per-document"
 
 
 @pytest.mark.parametrize("args,message", [

@@ -1,5 +1,6 @@
 """python -m fastlm.finetune on CPU with a tiny transformers-format GPT-2: learning, outputs, resume, accumulation,
 data formats, the defaults for the run at hand, the README's own command, --help, and every kind of bad input."""
+import json
 import os
 import shlex
 import shutil
@@ -43,24 +44,33 @@ def test_loss_falls_and_transformers_loads_the_output(checkpoint, corpus, tmp_pa
     assert summary["val_loss"] == metrics[-1]["val_loss"]
 
 
-def test_resume_equals_uninterrupted(checkpoint, corpus, tmp_path, monkeypatch):
-    run(config(checkpoint, corpus, tmp_path / "a"))
+@pytest.mark.parametrize("pack", [False, True])
+def test_resume_equals_uninterrupted(checkpoint, corpus, documents, tmp_path, monkeypatch, pack):
+    """With dropout 0.1 (the masks come from the generators checkpoint.pt keeps), and with --pack on many documents."""
+    options = dict(dropout=0.1, pack=pack, data=str(documents if pack else corpus))
+    steps = 6 if pack else 12  # shorter with --pack: the loop is the same
+    options.update(max_steps=steps, save_every=steps // 2, eval_every=steps // 2)
+    run(config(checkpoint, corpus, tmp_path / "a", **options))
     uninterrupted = read_metrics(tmp_path / "a" / "out")
 
-    with signalled_after(6, monkeypatch), pytest.raises(Stopped):
-        run(config(checkpoint, corpus, tmp_path / "b"))
-    run(config(checkpoint, corpus, tmp_path / "b", resume=True))
+    with signalled_after(steps // 2, monkeypatch), pytest.raises(Stopped):
+        run(config(checkpoint, corpus, tmp_path / "b", **options))
+    run(config(checkpoint, corpus, tmp_path / "b", resume=True, **options))
     resumed = read_metrics(tmp_path / "b" / "out")
-    assert [m["step"] for m in resumed] == list(range(1, 13)), "each step logged once"
+    assert [m["step"] for m in resumed] == list(range(1, steps + 1)), "each step logged once"
     assert [m["loss"] for m in resumed] == [m["loss"] for m in uninterrupted]
     a = GPT.from_pretrained(tmp_path / "a" / "out").state_dict()
     b = GPT.from_pretrained(tmp_path / "b" / "out").state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((tmp_path / "b" / "out" / "config.json").read_text())["attn_pdrop"] == 0.1
 
 
-def test_gradient_accumulation_equals_the_larger_batch(checkpoint, corpus, tmp_path):
-    run(config(checkpoint, corpus, tmp_path / "big", batch_size=4, grad_accum=1, max_steps=3))
-    run(config(checkpoint, corpus, tmp_path / "acc", batch_size=2, grad_accum=2, max_steps=3))
+@pytest.mark.parametrize("pack", [False, True])
+def test_gradient_accumulation_equals_the_larger_batch(checkpoint, corpus, documents, tmp_path, pack):
+    if pack:
+        corpus = documents
+    run(config(checkpoint, corpus, tmp_path / "big", batch_size=4, grad_accum=1, max_steps=3, pack=pack))
+    run(config(checkpoint, corpus, tmp_path / "acc", batch_size=2, grad_accum=2, max_steps=3, pack=pack))
     big, acc = read_metrics(tmp_path / "big" / "out"), read_metrics(tmp_path / "acc" / "out")
     for m_big, m_acc in zip(big, acc):
         assert m_big["loss"] == pytest.approx(m_acc["loss"], rel=1e-5)
@@ -108,6 +118,7 @@ def test_the_readmes_first_command_trains_with_falling_loss(tmp_path):
     assert done.stderr == "", "everything the run says goes to stdout, with the progress lines"
     lines = done.stdout.splitlines()
     assert lines[0].startswith("no --weights given: training a small GPT-2 from scratch (4 layers, 128 wide")
+    assert lines[1] == "dropout: none (from scratch; --dropout P to add it)"
     steps = [line for line in lines if line.startswith("step ")]
     assert steps[0].startswith("step 1/20 loss ") and " elapsed 0:00:" in steps[0], "a line at step 1, with the time"
     assert [int(line.split()[1].split("/")[0]) for line in steps] == [1, 10, 20]
