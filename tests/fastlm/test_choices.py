@@ -194,3 +194,57 @@ def test_rows_given_directly_are_checked_too(checkpoint):
 def test_the_printed_line():
     result = dict(rows=16, correct=12, accuracy=0.75, correct_norm=11, accuracy_norm=0.6875, chance=0.5, per_row=[])
     assert describe(result) == "accuracy 0.7500 (12 of 16 rows), length-normalised 0.6875 (11 of 16); chance 0.5000"
+
+
+# ---- python -m fastlm.evaluate --choices ------------------------------------------------------------------------
+def needs_choices_flag():
+    from fastlm.evaluate import EvaluateConfig
+
+    if "choices" not in EvaluateConfig.__dataclass_fields__:
+        pytest.skip("evaluate has no --choices/--prompt-dir yet (issue #26: its wiring into fastlm/evaluate.py)")
+
+
+@pytest.mark.parametrize("with_prompt", [False, True])
+def test_evaluate_choices_prints_the_accuracy_of_score_choices(checkpoint, tmp_path, capsys, with_prompt):
+    needs_choices_flag()
+    from fastlm.evaluate import main
+    from fastlm.prompt_tuning import load_prompt
+
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in ROWS))
+    model = GPT.from_pretrained(checkpoint, backend="torch")
+    prompt_args = []
+    if with_prompt:
+        torch.manual_seed(0)
+        add_soft_prompt(model, 4)
+        save_prompt(model, tmp_path / "prompt")
+        prompt_args = ["--prompt-dir", str(tmp_path / "prompt")]
+        model = GPT.from_pretrained(checkpoint, backend="torch")
+        load_prompt(model, tmp_path / "prompt")
+    expected = score_choices(model, get_tokenizer(), ROWS)
+    args = ["--weights", str(checkpoint), "--choices", str(path), "--device", "cpu", "--backend", "torch", *prompt_args]
+    main(args)
+    printed = capsys.readouterr().out
+    assert printed.startswith(describe(expected) + "; ") and printed.count("\n") == 1, printed
+    main(args + ["--json"])
+    result = json.loads(capsys.readouterr().out)
+    assert (result["correct"], result["correct_norm"], result["rows"]) == (expected["correct"], expected["correct_norm"], 8)
+    for got, want in zip(result["per_row"], expected["per_row"]):
+        assert got["choice"] == want["choice"] and got["logprobs"] == pytest.approx(want["logprobs"], abs=1e-5)
+
+
+@pytest.mark.parametrize("args,message", [
+    ((), "give --data (perplexity"),
+    (("--data", "x.txt", "--choices", "y.jsonl"), "give --data (perplexity"),
+    (("--choices", "{tmp}/none.jsonl"), "none.jsonl: no such file"),
+    (("--choices", "{tmp}/rows.jsonl", "--seq-len", "8"), "--choices scores whole rows"),
+])
+def test_evaluate_choices_bad_input_is_one_line(checkpoint, tmp_path, capsys, args, message):
+    needs_choices_flag()
+    from fastlm.evaluate import main
+
+    (tmp_path / "rows.jsonl").write_text(json.dumps(ROWS[0]) + "\n")
+    with pytest.raises(SystemExit) as info:
+        main(["--weights", str(checkpoint), "--device", "cpu", *(a.format(tmp=tmp_path) for a in args)])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.count("\n") == 1 and message in err, err

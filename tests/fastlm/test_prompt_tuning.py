@@ -330,3 +330,36 @@ def test_a_second_prompt_is_refused(hf_dir, tmp_path):
         load_prompt(model, tmp_path)
     with pytest.raises(ValueError, match="add_soft_prompt: the model already has a soft prompt"):
         add_soft_prompt(model, 3)
+
+
+# ---- python -m fastlm.evaluate --prompt-dir ----------------------------------------------------------------------
+def test_evaluate_perplexity_with_a_soft_prompt_is_pefts(checkpoint, tmp_path, capsys):
+    """Each window gets the prompt before it, as PEFT's model would: the summed loss of non-overlapping windows."""
+    from fastlm.evaluate import EvaluateConfig, main
+
+    if "prompt_dir" not in EvaluateConfig.__dataclass_fields__:
+        pytest.skip("evaluate has no --prompt-dir yet (issue #26: its wiring into fastlm/evaluate.py)")
+    from fastlm import get_tokenizer
+
+    model = load(checkpoint)
+    torch.manual_seed(0)
+    add_soft_prompt(model, 8)
+    save_prompt(model, tmp_path / "prompt")
+    text = "The red cat sat on the blue mat and looked at the red dog. " * 12
+    (tmp_path / "text.txt").write_text(text)
+    main(["--weights", str(checkpoint), "--data", str(tmp_path / "text.txt"), "--prompt-dir", str(tmp_path / "prompt"),
+          "--seq-len", "40", "--stride", "40", "--device", "cpu", "--backend", "torch", "--json"])
+    result = json.loads(capsys.readouterr().out)
+    ids = torch.tensor(get_tokenizer().encode(text))
+    theirs = peft_model(checkpoint, tmp_path / "prompt", dtype=torch.float64)
+    nll = 0.0
+    with torch.no_grad():
+        for begin in range(0, len(ids) - 1, 40):
+            x, y = ids[begin:begin + 40], ids[begin + 1:begin + 41]
+            logits = theirs(input_ids=x[:len(y)][None]).logits[0, 8:]
+            nll += torch.nn.functional.cross_entropy(logits, y, reduction="sum").item()
+    assert result["tokens"] == len(ids) - 1 and result["nll"] == pytest.approx(nll, rel=1e-5)
+    with pytest.raises(SystemExit):
+        main(["--weights", str(checkpoint), "--data", str(tmp_path / "text.txt"), "--prompt-dir", str(tmp_path / "prompt"),
+              "--seq-len", "60", "--device", "cpu"])
+    assert "--seq-len 60 + 8 virtual tokens (the soft prompt) exceed the model's context of 64" in capsys.readouterr().err

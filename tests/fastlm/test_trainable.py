@@ -231,3 +231,76 @@ def test_prompt_tuning_keeps_every_blocks_activations():
     every, prompt = saved_bytes(prompt_choice()), saved_bytes(prompt_choice(prompt_tokens=4))
     last_block = saved_bytes(prompt_choice(train_layers=1))
     assert last_block < 0.4 * every and 0.6 * every < prompt < every, (last_block, prompt, every)
+
+
+# ---- prompt tuning through python -m fastlm.finetune ------------------------------------------------------------
+def needs_prompt_flags():
+    if "prompt_tokens" not in finetune.FinetuneConfig.__dataclass_fields__:
+        pytest.skip("fine-tuning has no --prompt-tokens yet (issue #26: its wiring into finetune_config/training)")
+
+
+PROMPT = dict(prompt_tokens=4, prompt_init_text="The cat", lr=3e-2, **SHORT)
+
+
+def trained_prompt(out):
+    return load_file(out / "prompt" / "adapter_model.safetensors")["prompt_embeddings"]
+
+
+def test_a_prompt_tuning_run_saves_the_prompt_for_peft_and_leaves_the_base(checkpoint, corpus, tmp_path, capsys):
+    needs_prompt_flags()
+    peft = pytest.importorskip("peft", reason="peft is the prompt-tuning reference (pip install -e '.[test]')")
+    from fastlm.prompt_tuning import initial_embeddings, load_prompt
+
+    summary = finetune.run(config(checkpoint, corpus, tmp_path, seq_len=None, **PROMPT))
+    out = tmp_path / "out"
+    printed = capsys.readouterr().out
+    base = GPT.from_pretrained(checkpoint)
+    assert summary["trainable_parameters"] == 4 * 32
+    assert (f"training a soft prompt of 4 virtual tokens x 32 (initialised from the embeddings of 'The cat'; every model "
+            f"weight frozen): 128 of {base.num_parameters() + 128:,} parameters") in printed
+    assert f"and the soft prompt of 4 virtual tokens in {out}/prompt (PEFT's layout)" in printed
+    saved = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert saved["finetune_config"]["seq_len"] == 60, "the default window leaves the prompt its 4 positions of 64"
+    assert "soft_prompt.weight" in saved["model"] and len(optimizer_state_sizes(out)) == 1
+    after = GPT.from_pretrained(out).state_dict()
+    assert all(torch.equal(value, after[key]) for key, value in base.state_dict().items()), "model.safetensors is the base"
+    prompt = trained_prompt(out)
+    assert not torch.equal(prompt, initial_embeddings(base, 4, "The cat")), "the prompt trained"
+    theirs = peft.PeftModel.from_pretrained(transformers.GPT2LMHeadModel.from_pretrained(checkpoint), out / "prompt").eval()
+    load_prompt(base, out / "prompt")
+    idx = torch.randint(0, 50257, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(base(idx), theirs(input_ids=idx).logits[:, 4:], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match=r"--seq-len 64 \+ 4 virtual tokens \(the soft prompt\) exceed the model's context "
+                                         r"of 64 tokens: use --seq-len 60 or less"):
+        finetune.run(config(checkpoint, corpus, tmp_path / "long", seq_len=64, **PROMPT))
+
+
+def test_a_prompt_tuning_run_resumes_as_if_uninterrupted(checkpoint, corpus, tmp_path, monkeypatch):
+    needs_prompt_flags()
+    finetune.run(config(checkpoint, corpus, tmp_path / "a", **PROMPT))
+    with signalled_after(2, monkeypatch), pytest.raises(training.Stopped):
+        finetune.run(config(checkpoint, corpus, tmp_path / "b", **PROMPT))
+    with pytest.raises(ValueError, match="--prompt-tokens is 5 but the checkpoint was trained with 4"):
+        finetune.run(config(checkpoint, corpus, tmp_path / "b", resume=True, **{**PROMPT, "prompt_tokens": 5}))
+    finetune.run(config(checkpoint, corpus, tmp_path / "b", resume=True, **PROMPT))
+    assert [m["loss"] for m in read_metrics(tmp_path / "b" / "out")] == [m["loss"] for m in read_metrics(tmp_path / "a" / "out")]
+    assert torch.equal(trained_prompt(tmp_path / "a" / "out"), trained_prompt(tmp_path / "b" / "out"))
+
+
+def _finetune(rank, cfg, out):
+    finetune.run(cfg)
+
+
+def test_prompt_tuning_on_two_ranks_equals_one_process(checkpoint, corpus, tmp_path):
+    """Under torchrun (DDP: only the prompt's gradient is all-reduced), 2 ranks x batch 2 are 1 process x batch 4."""
+    needs_prompt_flags()
+    from tests.fastlm.helpers import spawn
+
+    steps = {**PROMPT, "max_steps": 2, "log_every": 1}
+    finetune.run(config(checkpoint, corpus, tmp_path / "one", batch_size=4, **steps))
+    spawn(_finetune, config(checkpoint, corpus, tmp_path / "two", batch_size=2, **steps), tmp_path)
+    one, two = read_metrics(tmp_path / "one" / "out"), read_metrics(tmp_path / "two" / "out")
+    assert [m["loss"] for m in two] == pytest.approx([m["loss"] for m in one], rel=1e-5)
+    torch.testing.assert_close(trained_prompt(tmp_path / "two" / "out"), trained_prompt(tmp_path / "one" / "out"),
+                               atol=1e-5, rtol=1e-4)
