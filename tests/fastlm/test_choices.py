@@ -234,8 +234,8 @@ def test_evaluate_choices_prints_the_accuracy_of_score_choices(checkpoint, tmp_p
 
 
 @pytest.mark.parametrize("args,message", [
-    ((), "give --data (perplexity"),
-    (("--data", "x.txt", "--choices", "y.jsonl"), "give --data (perplexity"),
+    ((), "--data is required: a .txt file, a directory of .txt files, or a .jsonl file with a 'text' field (or --choices"),
+    (("--data", "x.txt", "--choices", "y.jsonl"), "--data and --choices: give one of them"),
     (("--choices", "{tmp}/none.jsonl"), "none.jsonl: no such file"),
     (("--choices", "{tmp}/rows.jsonl", "--seq-len", "8"), "--choices scores whole rows"),
 ])

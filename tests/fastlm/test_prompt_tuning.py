@@ -198,6 +198,7 @@ def test_windows_leave_room_for_the_prompt(hf_dir):
     setup(model, 10)
     assert text_room(model) == 54
     check_window(model, 54)
+    check_window(load(hf_dir), 64)  # no soft prompt: nothing of the context is taken
     with pytest.raises(ValueError) as info:
         check_window(model, 55)
     assert str(info.value) == ("--seq-len 55 + 10 virtual tokens (the soft prompt) exceed the model's context of 64 "
