@@ -93,8 +93,8 @@ def run(cfg: GenerateConfig) -> None:
         raise ValueError(f"--prompt: the model's vocabulary of {model.config.vocab_size} does not cover its tokens "
                          f"(GPT-2 has 50257): not a model for this tokenizer")
     if virtual + len(prompt) >= context:
-        raise ValueError(f"--prompt is {len(prompt)} tokens" + (f", after {virtual} virtual tokens (--prompt-dir)" if virtual else "")
-                         + f": the model's context of {context} leaves no room to generate")
+        after = f", after {virtual} virtual tokens (--prompt-dir)" if virtual else ""
+        raise ValueError(f"--prompt is {len(prompt)} tokens{after}: the model's context of {context} leaves no room to generate")
     new_tokens = min(cfg.max_new_tokens, context - virtual - len(prompt))
     if new_tokens < cfg.max_new_tokens:
         print(f"note: --max-new-tokens {cfg.max_new_tokens} capped at {new_tokens}: the model's context is {context} "

@@ -109,7 +109,8 @@ def initial_embeddings(model: GPT, num_tokens: int, init_text: str | None = None
     if not ids:
         raise ValueError("--prompt-init-text is empty: give a text to start the virtual tokens from, or leave it out")
     if max(ids) >= model.config.vocab_size:
-        raise ValueError(f"--prompt-init-text: the model's vocabulary of {model.config.vocab_size} does not cover its tokens")
+        raise ValueError(f"--prompt-init-text: the model's vocabulary of {model.config.vocab_size} does not cover its "
+                         f"tokens")
     ids = (ids * math.ceil(num_tokens / len(ids)))[:num_tokens]
     return wte.detach()[torch.tensor(ids, device=wte.device)].float().clone()
 
@@ -264,7 +265,8 @@ def load_prompt(model: GPT, directory: str | os.PathLike, trainable: bool = Fals
     file."""
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
-        raise ValueError(f"{directory}: not a directory (a prompt-tuning directory holds {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})")
+        raise ValueError(f"{directory}: not a directory (a prompt-tuning directory holds {ADAPTER_CONFIG} and "
+                         f"{ADAPTER_WEIGHTS})")
     config = _read_config(directory / ADAPTER_CONFIG, model)
     n = config["num_virtual_tokens"]
     _check_room(model, n, f"{directory / ADAPTER_CONFIG}: num_virtual_tokens")

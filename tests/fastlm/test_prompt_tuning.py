@@ -272,7 +272,10 @@ def test_saving_over_an_earlier_prompt_and_never_over_other_files(hf_dir, tmp_pa
     assert torch.equal(load_prompt(fresh, tmp_path / "p").weight, model.soft_prompt.weight.detach())
 
     before = {p.name: p.read_bytes() for p in (tmp_path / "p").iterdir()}
-    monkeypatch.setattr(prompt_tuning, "save_file", lambda *args, **kwargs: (_ for _ in ()).throw(OSError(28, "No space left on device")))
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(prompt_tuning, "save_file", full_disk)
     with pytest.raises(OSError, match="adapter_model.safetensors: cannot be written"):
         save_prompt(prompted(hf_dir, n=7), tmp_path / "p")
     assert {p.name: p.read_bytes() for p in (tmp_path / "p").iterdir()} == before, "a failed save leaves the files as they were"
