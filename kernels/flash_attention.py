@@ -15,12 +15,14 @@ Backward (FA2): delta_i = dO_i . O_i, then P is recomputed from lse:
     dV = (P * Z').T @ dO    dP = (dO @ V.T) * Z'    dS = P * (dP - delta)    dQ = c * dS @ K    dK = c * dS.T @ Q
 (Z' = Z / (1 - p)). One kernel owns a block of keys and sums dK, dV over every query of every head that shares it
 (grouped-query attention); another owns a block of queries and sums dQ. No atomics: gradients are bit-identical
-run to run. Padded queries and keys (past T or S, or past a sequence's end) get p = 0 explicitly in every kernel
-(lse = +inf for padded queries, a mask for padded keys), never a value that a zero operand has to cancel.
+run to run. Padded queries and keys (past T or S, or past a sequence's end) get p = 0 explicitly wherever they meet
+a real row (lse = +inf for padded queries, a mask for padded keys), never a value that a zero operand has to cancel;
+only a padded key's own rows of dK/dV, which are never stored, are left as they come.
 
-Dropout: Z_ij is drawn by Philox (tl.philox, 10 rounds) keyed by a 64-bit seed, with the counter (j, i, head,
-sequence): a pure function of the score's coordinates, so the backward regenerates the forward's mask whatever its
-tiles, and nothing is stored. `attention` draws the seed on q's device from torch's generator (torch.randint: no
+Dropout: Z_ij is drawn by Philox (tl.philox, 10 rounds) keyed by a 64-bit seed, with the counter (j // 8, i, head,
+sequence): one call gives 16 bits to each of 8 consecutive keys, kept when they are >= round(p * 2^16) (so the keep
+probability is 1 - p to within 2^-17). It is a pure function of the score's coordinates, so the backward regenerates
+the forward's mask whatever its tiles, and nothing is stored. `attention` draws the seed on q's device from torch's generator (torch.randint: no
 host sync, reproducible under torch.manual_seed, and the generator advances, so consecutive calls differ);
 `dropout_mask` returns the mask itself, for tests. p = 0 is a constexpr: the kernels compile as without dropout.
 
@@ -47,6 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from kernels import _utils
 from kernels._utils import check_triton_device, tl, triton, use_triton
 
 try:  # host tensor descriptors (TMA on Hopper): triton >= 3.4
@@ -81,7 +84,7 @@ def _seq_bounds(CuSeqlens, b, n, IS_VARLEN: tl.constexpr):
 def _row_offset(row, stride, INT64: tl.constexpr):
     """row * stride, in int64 when the host says a tensor's offsets may pass 2^31."""
     if INT64:
-        return row.to(tl.int64) * stride
+        return tl.cast(row, tl.int64) * stride  # tl.cast: `row` may be a plain int (a loop from 0 in the interpreter)
     else:
         return row * stride
 
@@ -97,11 +100,23 @@ def _tma_rows(desc, b, h, first, row, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr
 
 
 @triton.jit
-def _dropout_keep(seed, rows, cols, h, b, threshold):
-    """Whether score (row, col) of head h of sequence b is kept: Philox keyed by seed, counter (col, row, h, b);
-    P(keep) = 1 - threshold / 2^31. rows and cols broadcast against each other (any tile orientation)."""
-    r, _, _, _ = tl.philox(seed, cols, rows, h, b)
-    return (r >> 1).to(tl.int32, bitcast=True) >= threshold
+def _dropout_keep(seed, rows, col0, h, b, threshold, BLOCK_C: tl.constexpr, KEYS_FIRST: tl.constexpr):
+    """Whether each score (row, col0 + c) of head h of sequence b is kept, as a (rows, BLOCK_C) mask, or
+    (BLOCK_C, rows) with KEYS_FIRST (the dK/dV kernel's transposed tile). One Philox call, counter
+    (col // 8, row, h, b), gives 128 bits: 16 for each of the keys 8g..8g+7 of a row, kept when >= threshold."""
+    BLOCK_R: tl.constexpr = rows.shape[0]
+    groups = col0 // 8 + tl.arange(0, BLOCK_C // 8)
+    if KEYS_FIRST:
+        r0, r1, r2, r3 = tl.philox(seed, groups[:, None], rows[None, :], h, b)
+    else:
+        r0, r1, r2, r3 = tl.philox(seed, groups[None, :], rows[:, None], h, b)
+    lo = tl.join(tl.join(r0, r1), tl.join(r2, r3)) & 0xFFFF  # [..., a, c]: word (0, 2, 1, 3)[2a + c]
+    hi = tl.join(tl.join(r0, r1), tl.join(r2, r3)) >> 16
+    keep = tl.join(lo.to(tl.int32, bitcast=True) >= threshold, hi.to(tl.int32, bitcast=True) >= threshold)
+    if KEYS_FIRST:  # (BLOCK_C // 8, BLOCK_R, 2, 2, 2): key 8g + 4a + 2c + e
+        return tl.reshape(tl.permute(keep, (0, 2, 3, 4, 1)), (BLOCK_C, BLOCK_R))
+    else:
+        return tl.reshape(keep, (BLOCK_R, BLOCK_C))
 
 
 @triton.jit
@@ -139,7 +154,7 @@ def _attn_fwd_inner(
         else:
             v = _load(V + _row_offset(start_n, stride_vs, INT64) + v_offs, kv_mask, MASKED or PAD_D)
         if DROPOUT:
-            p = tl.where(_dropout_keep(seed, rows[:, None], cols[None, :], h, b, drop_threshold), p, 0.0)
+            p = tl.where(_dropout_keep(seed, rows, start_n, h, b, drop_threshold, BLOCK_N, False), p, 0.0)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
         m_i = m_new
     return acc, l_i, m_i
@@ -240,17 +255,19 @@ def _attn_bwd_preprocess_kernel(
     h = tl.program_id(1)
     b = tl.program_id(2)
     q_start, T = _seq_bounds(CuSeqlensQ, b, T, IS_VARLEN)
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    start_m = tl.program_id(0) * BLOCK_M
+    offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
+    rows = start_m + offs_m
     mask = (rows < T)[:, None] & (offs_d < HEAD_DIM)[None, :]
     bq = b.to(tl.int64)
-    first = q_start.to(tl.int64)
+    first = (q_start + start_m).to(tl.int64)  # the block's first row, int64: only in-block offsets are int32
     O += bq * stride_ob + h.to(tl.int64) * stride_oh + first * stride_ot
     DO += bq * stride_dob + h.to(tl.int64) * stride_doh + first * stride_dot
-    o = tl.load(O + rows[:, None] * stride_ot + offs_d[None, :] * stride_od, mask=mask, other=0.0)
-    do = tl.load(DO + rows[:, None] * stride_dot + offs_d[None, :] * stride_dod, mask=mask, other=0.0)
+    o = tl.load(O + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od, mask=mask, other=0.0)
+    do = tl.load(DO + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod, mask=mask, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
-    tl.store(Delta + bq * stride_lb + h.to(tl.int64) * stride_lh + first + rows, delta, mask=rows < T)
+    tl.store(Delta + bq * stride_lb + h.to(tl.int64) * stride_lh + first + offs_m, delta, mask=rows < T)
 
 
 @triton.jit
@@ -260,9 +277,9 @@ def _attn_bwd_dkdv_inner(
     stride_qh, stride_doh, stride_lh, GROUP,  # ... and the GROUP heads that share it, one after another
     q_offs, do_offs, stride_qt, stride_dot,  # in-block offsets of q and dO (BLOCK_M, D)
     first, n_blocks, split, jump,  # query blocks first + i * BLOCK_M for i < n_blocks, shifted by jump from i = split on
-    cols, offs_m, d_mask, T, diag, qk_scale,
+    cols, start_n, offs_m, d_mask, T, diag, qk_scale,  # this program's keys, start_n + arange(BLOCK_N)
     seed, h0, b, drop_threshold, drop_scale,
-    BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr, PAD_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr, PAD_D: tl.constexpr,
     DROPOUT: tl.constexpr, GQA: tl.constexpr, INT64: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     # GQA: one loop over (head, query block) pairs, not a loop over heads around one over blocks (nested loops cost
@@ -296,7 +313,7 @@ def _attn_bwd_dkdv_inner(
                 p_t = tl.where(cols[:, None] <= rows[None, :] + diag, p_t, 0.0)
         do = _load(DO_g + _row_offset(start_m, stride_dot, INT64) + do_offs, mask, MASKED or PAD_D)
         if DROPOUT:
-            keep = _dropout_keep(seed, rows[None, :], cols[:, None], h0 + g, b, drop_threshold)
+            keep = _dropout_keep(seed, rows, start_n, h0 + g, b, drop_threshold, BLOCK_N, True)
             dv = tl.dot(tl.where(keep, p_t, 0.0).to(do.dtype), do, dv, input_precision=DOT_PRECISION)
         else:
             dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
@@ -387,13 +404,13 @@ def _attn_bwd_dkdv_kernel(
     dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, Lse, Delta, stride_qh, stride_doh, stride_lh, GROUP,
                                   q_offs, do_offs, stride_qt, stride_dot,
                                   m_lo, n_diag + n_tail, n_diag, tail - (m_lo + n_diag * BLOCK_M),
-                                  cols, offs_m, d_mask, T, diag, qk_scale, seed, h0, b, drop_threshold, drop_scale,
-                                  BLOCK_M, CAUSAL, True, PAD_D, DROPOUT, GQA, INT64, DOT_PRECISION)
+                                  cols, start_n, offs_m, d_mask, T, diag, qk_scale, seed, h0, b, drop_threshold, drop_scale,
+                                  BLOCK_M, BLOCK_N, CAUSAL, True, PAD_D, DROPOUT, GQA, INT64, DOT_PRECISION)
     dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, Lse, Delta, stride_qh, stride_doh, stride_lh, GROUP,
                                   q_offs, do_offs, stride_qt, stride_dot,
                                   m_full, n_full, n_full, 0,
-                                  cols, offs_m, d_mask, T, diag, qk_scale, seed, h0, b, drop_threshold, drop_scale,
-                                  BLOCK_M, CAUSAL, False, PAD_D, DROPOUT, GQA, INT64, DOT_PRECISION)
+                                  cols, start_n, offs_m, d_mask, T, diag, qk_scale, seed, h0, b, drop_threshold, drop_scale,
+                                  BLOCK_M, BLOCK_N, CAUSAL, False, PAD_D, DROPOUT, GQA, INT64, DOT_PRECISION)
     if DROPOUT:
         dv = dv * drop_scale
     DK += bq * stride_dkb + hkv.to(tl.int64) * stride_dkh + first_k * stride_dks
@@ -425,7 +442,7 @@ def _attn_bwd_dq_inner(
             p = tl.where(valid, p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         if DROPOUT:
-            dp = tl.where(_dropout_keep(seed, rows[:, None], cols[None, :], h, b, drop_threshold), dp * drop_scale, 0.0)
+            dp = tl.where(_dropout_keep(seed, rows, start_n, h, b, drop_threshold, BLOCK_N, False), dp * drop_scale, 0.0)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
     return dq
@@ -514,28 +531,36 @@ def _dropout_mask_kernel(
     Mask += (b.to(tl.int64) * H + h) * T * S
     for start_n in range(0, S, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
-        keep = _dropout_keep(seed, rows[:, None], cols[None, :], h, b, drop_threshold)
+        keep = _dropout_keep(seed, rows, start_n, h, b, drop_threshold, BLOCK_N, False)
         tl.store(Mask + rows[:, None].to(tl.int64) * S + cols[None, :], keep.to(tl.int8),
                  mask=(rows < T)[:, None] & (cols < S)[None, :])
 
 
 # -----------------------------------------------------------------------------
-# (BLOCK_M, BLOCK_N, num_warps, num_stages, TMA) per architecture, kernel and padded head dim, for 16-bit operands;
-# TMA: read q, k, v (forward), q, dO (dK/dV) or k, v (dQ) through tensor descriptors where the tensors allow it. Each
-# entry compiles for its architecture without register spills (tests/kernels/test_aot_compile.py) and was chosen by
-# its static instruction count (bench/static_counts.py, bench/results/); timing them on a GPU is still to come.
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per architecture, kernel and padded head dim (an entry at 64 serves 16
+# and 32 too unless they have their own), for 16-bit operands. Each entry compiles for its architecture without
+# register spills in every flag combination it serves, on triton 3.6 and 3.9 (tests/kernels/test_aot_compile.py);
+# GPT-2's sm_90 entries (D = 64, 128) were chosen by their static instruction count (bench/static_counts.py,
+# bench/results/), the others as the largest tile that does not spill. Timing them on a GPU is still to come.
 # fp32 runs its matmuls as exact FMA loops (no tensor cores): the accuracy path, in small tiles, the same everywhere.
 _CONFIGS_16BIT = {
     80: {
-        ("fwd", 64): (128, 128, 8, 2), ("fwd", 128): (128, 64, 8, 2), ("fwd", 256): (64, 32, 8, 1),
-        ("dkdv", 64): (32, 128, 8, 2), ("dkdv", 128): (32, 64, 4, 2), ("dkdv", 256): (32, 32, 8, 1),
-        ("dq", 64): (128, 64, 8, 2), ("dq", 128): (64, 64, 4, 2), ("dq", 256): (32, 32, 8, 1),
+        ("fwd", 64): (128, 64, 8, 2), ("fwd", 128): (64, 64, 4, 2), ("fwd", 256): (64, 32, 8, 1),
+        ("dkdv", 64): (32, 128, 8, 2), ("dkdv", 128): (32, 64, 8, 2), ("dkdv", 256): (32, 32, 8, 1),
+        ("dq", 32): (64, 64, 4, 2), ("dq", 64): (128, 64, 8, 2), ("dq", 128): (64, 64, 4, 2), ("dq", 256): (32, 32, 8, 1),
     },
     90: {
         ("fwd", 64): (128, 128, 8, 2), ("fwd", 128): (128, 128, 8, 2), ("fwd", 256): (64, 32, 8, 1),
         ("dkdv", 64): (64, 64, 4, 2), ("dkdv", 128): (32, 128, 8, 2), ("dkdv", 256): (32, 32, 8, 1),
-        ("dq", 64): (64, 64, 4, 3), ("dq", 128): (128, 64, 8, 2), ("dq", 256): (32, 32, 8, 1),
+        ("dq", 64): (64, 64, 4, 3), ("dq", 128): (128, 64, 8, 2), ("dq", 256): (32, 16, 8, 2),
     },
+}
+# Where those tiles would spill: the forward on sm_90 through pointers (no TMA: a head dim that is not a power of two,
+# or strides TMA refuses), and kernels with dropout (its random bits take registers); the dropout entry wins.
+_CONFIGS_16BIT_POINTERS = {80: {}, 90: {("fwd", 128): (128, 64, 8, 2)}}
+_CONFIGS_16BIT_DROPOUT = {
+    80: {("dq", 64): (128, 32, 8, 2), ("dq", 128): (64, 64, 8, 2)},
+    90: {("fwd", 256): (64, 16, 4, 1), ("dkdv", 128): (32, 64, 8, 2), ("dq", 128): (128, 32, 8, 2)},
 }
 _CONFIGS_FP32 = {
     ("fwd", 64): (64, 32, 4, 2), ("fwd", 128): (64, 32, 8, 2), ("fwd", 256): (32, 32, 8, 1),
@@ -553,14 +578,24 @@ def device_capability(device: torch.device) -> int:
     return 90 if major >= 9 else 80
 
 
-def launch_config(kernel: str, head_dim: int, dtype: torch.dtype, arch: int = 80) -> dict:
-    """Block sizes, warps and pipeline stages for one kernel ("fwd", "dkdv", "dq", "preprocess") on sm_<arch>."""
+def launch_config(kernel: str, head_dim: int, dtype: torch.dtype, arch: int = 80, dropout: bool = False,
+                  tma: bool = False) -> dict:
+    """Block sizes, warps and pipeline stages for one kernel ("fwd", "dkdv", "dq", "preprocess") on sm_<arch>; with
+    dropout (its random bits take registers) and for an sm_90 forward without TMA some 16-bit tiles differ."""
     block_d = max(16, triton.next_power_of_2(head_dim))
     if kernel == "preprocess":
         return dict(BLOCK_D=block_d, BLOCK_M=64 if block_d <= 64 else 16, num_warps=4)
     key = (kernel, max(block_d, 64))
-    table = _CONFIGS_FP32 if dtype == torch.float32 else _CONFIGS_16BIT[arch]
-    block_m, block_n, num_warps, num_stages = table[key]
+    lookup = lambda table: table.get((kernel, block_d), table.get(key))
+    if dtype == torch.float32:
+        entry = _CONFIGS_FP32[key]
+    else:
+        entry = lookup(_CONFIGS_16BIT[arch])
+        if kernel == "fwd" and arch >= 90 and not tma:
+            entry = lookup(_CONFIGS_16BIT_POINTERS[arch]) or entry
+        if dropout:
+            entry = lookup(_CONFIGS_16BIT_DROPOUT[arch]) or entry
+    block_m, block_n, num_warps, num_stages = entry
     return dict(BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
 
 
@@ -569,8 +604,9 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 
 def _dropout_args(dropout_p: float) -> tuple[int, float]:
-    """(threshold on 31 random bits, 1 / (1 - p)): a score is kept when its bits are >= threshold."""
-    return int(round(dropout_p * 2**31)), 1.0 / (1.0 - dropout_p)
+    """(threshold on 16 random bits, 1 / (1 - p)): a score is kept when its bits are >= threshold, so the keep
+    probability is 1 - p with p rounded to a multiple of 2^-16 (at most 7.7e-6 off)."""
+    return int(round(dropout_p * 2**16)), 1.0 / (1.0 - dropout_p)
 
 
 # -----------------------------------------------------------------------------
@@ -583,19 +619,20 @@ def _strides4(t: Tensor) -> tuple[int, int, int, int]:
     return tuple(t.stride()) if t.dim() == 4 else (0, t.stride(1), t.stride(0), t.stride(2))
 
 
-def check_row_strides(name: str, *tensors: Tensor) -> None:
-    """Row and column strides must keep in-block offsets (up to 256 rows) within int32; batch and head offsets,
-    and every block's start, are int64 in the kernels."""
-    for t in tensors:
+def check_row_strides(op: str, **tensors: Tensor) -> None:
+    """Row and column strides must keep in-block offsets (up to 256 rows or columns) within int32; batch and head
+    offsets, and every block's start, are int64 in the kernels (or int64 when `needs_int64` says so)."""
+    for name, t in tensors.items():
         _, _, row, col = _strides4(t)
         if max(abs(row), abs(col)) >= MAX_ROW_STRIDE:
-            raise ValueError(f"{name}: a row stride of {max(abs(row), abs(col))} elements exceeds the kernels' limit "
-                             f"of 2^31 / 256 = {MAX_ROW_STRIDE}")
+            raise ValueError(f"{op}: {name}'s row/column strides {row}, {col} (elements) must be below the kernels' "
+                             f"int32 limit of 2^31 / 256 = {MAX_ROW_STRIDE}")
 
 
 def needs_int64(*tensors: Tensor) -> bool:
-    """Whether a block start times a row stride may pass 2^31 (the kernels then compute it in int64)."""
-    return any(t.shape[-3 if t.dim() == 3 else 2] * abs(_strides4(t)[2]) >= 2**31 for t in tensors)
+    """Whether a block start times a row stride can pass int32 for one of these tensors: the largest block start is
+    at most rows - 1, so the kernels' INT64 variant is compiled exactly when (rows - 1) * |row stride| > 2^31 - 1."""
+    return any((t.shape[-3 if t.dim() == 3 else 2] - 1) * abs(_strides4(t)[2]) > _utils.INT32_MAX for t in tensors)
 
 
 def uses_tma(*tensors: Tensor) -> bool:
@@ -622,10 +659,10 @@ def launch_forward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, ls
     strides = (*_strides4(q), *_strides4(k), *_strides4(v))
     int64 = needs_int64(q, k, v, out)
     arch = device_capability(q.device)
-    cfg = launch_config("fwd", D, q.dtype, arch)
+    use_tma = arch >= 90 and uses_tma(q, k, v)
+    cfg = launch_config("fwd", D, q.dtype, arch, dropout_p > 0, use_tma)
     threshold, drop_scale = _dropout_args(dropout_p)
     grid = (triton.cdiv(max_t, cfg["BLOCK_M"]), H, grid_batch)
-    use_tma = arch >= 90 and uses_tma(q, k, v)
     qkv = (q, k, v)
     if use_tma:
         qkv = tuple(descriptor(t, cfg[block]) for t, block in ((q, "BLOCK_M"), (k, "BLOCK_N"), (v, "BLOCK_N")))
@@ -654,11 +691,11 @@ def launch_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, 
     common = dict(HEAD_DIM=D, CAUSAL=causal, DROPOUT=dropout_p > 0, IS_VARLEN=varlen, INT64=needs_int64(q, k, v, dout),
                   DOT_PRECISION=_dot_precision(q.dtype))
     strides = (*_strides4(q), *_strides4(k), *_strides4(v), *_strides4(dout))
-    cfg = launch_config("dkdv", D, q.dtype, arch)
+    cfg = launch_config("dkdv", D, q.dtype, arch, dropout_p > 0)
     _attn_bwd_dkdv_kernel[(triton.cdiv(max_s, cfg["BLOCK_N"]), Hkv, grid_batch)](
         q, k, v, dout, lse, delta, dk, dv, cu_seqlens_q, cu_seqlens_k, seed, *strides, *_strides4(dk),
         *lse_strides, max_t, max_s, H // Hkv, scale, threshold, drop_scale, GQA=H != Hkv, **common, **cfg)
-    cfg = launch_config("dq", D, q.dtype, arch)
+    cfg = launch_config("dq", D, q.dtype, arch, dropout_p > 0)
     _attn_bwd_dq_kernel[(triton.cdiv(max_t, cfg["BLOCK_M"]), H, grid_batch)](
         q, k, v, dout, lse, delta, dq, cu_seqlens_q, cu_seqlens_k, seed, *strides,
         *_strides4(dq), *lse_strides, max_t, max_s, H // Hkv, scale, threshold, drop_scale, **common, **cfg)
@@ -671,7 +708,7 @@ def _new_output(q: Tensor) -> Tensor:
     return q.new_empty_strided((B, H, T, D), (T * H * D, D, H * D, 1))  # not a view: a tensor of its own
 
 
-def _check_seed(op: str, dropout_p: float, seed: Tensor | None) -> None:
+def check_seed(op: str, dropout_p: float, seed: Tensor | None) -> None:
     if dropout_p > 0 and (seed is None or seed.dtype != torch.int64 or seed.numel() < 1):
         raise ValueError(f"{op}: dropout_p > 0 needs a seed (an int64 tensor with one element)")
 
@@ -680,7 +717,7 @@ def _check_seed(op: str, dropout_p: float, seed: Tensor | None) -> None:
 def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, dropout_p: float = 0.0,
                    seed: Tensor | None = None) -> tuple[Tensor, Tensor]:
     check_triton_device("fastlm::attention_fwd", q, k, v, seed)
-    _check_seed("fastlm::attention_fwd", dropout_p, seed)
+    check_seed("fastlm::attention_fwd", dropout_p, seed)
     B, H, T, D = q.shape
     out = _new_output(q)
     lse = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
@@ -698,7 +735,8 @@ def _(q, k, v, causal, scale, dropout_p=0.0, seed=None):
 def _attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool,
                    scale: float, dropout_p: float = 0.0, seed: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     check_triton_device("fastlm::attention_bwd", dout, q, k, v, out, lse, seed)
-    _check_seed("fastlm::attention_bwd", dropout_p, seed)
+    check_seed("fastlm::attention_bwd", dropout_p, seed)
+    check_row_strides("fastlm::attention_bwd", dout=dout, out=out)
     B, H, T, D = q.shape
     if out.shape != q.shape or lse.shape != (B, H, T) or not lse.is_contiguous():
         raise ValueError(f"fastlm::attention_bwd: out must be q's shape {tuple(q.shape)} (any strides) and lse a "
@@ -757,7 +795,7 @@ def _check_args(q: Tensor, k: Tensor, v: Tensor) -> None:
         raise ValueError(f"attention: head dim must be in [1, 256], got {q.shape[3]}")
     if q.shape[0] > 65535 or q.shape[1] > 65535:  # CUDA grid axes 1 and 2 are capped at 65535
         raise ValueError(f"attention: batch {q.shape[0]} and heads {q.shape[1]} must each be at most 65535")
-    check_row_strides("attention", q, k, v)
+    check_row_strides("attention", q=q, k=k, v=v)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale: float | None = None,

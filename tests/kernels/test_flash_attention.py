@@ -1,8 +1,12 @@
-"""kernels.attention against SDPA: outputs and all three gradients, GQA, masks, strides, determinism, compile."""
+"""kernels.attention against SDPA: outputs and all three gradients, GQA, masks, strides, determinism, compile;
+a sweep of (T, S) pairs around the block sizes, custom scales, huge scores, the int32 limits."""
+import random
+
 import pytest
 import torch
 import torch.nn.functional as F
 
+import kernels.flash_attention as fa
 from kernels import attention
 from kernels.flash_attention import _attention_bwd, _attention_fwd, attention_ref
 from tests.conftest import DEVICE, HAS_CUDA, assert_close_to_ref, requires_cuda
@@ -89,6 +93,8 @@ def test_non_contiguous_views_from_a_fused_qkv_projection():
 
 
 def test_gradients_are_bit_identical_run_to_run():
+    """Cannot fail in the interpreter (it runs programs one after another); on a GPU it catches atomics or any
+    order-dependent accumulation."""
     q, k, v, dout = make_qkv(1, 4, 2, 70, 70, 32, torch.float16)
     first = out_and_grads(attention, q, k, v, dout, True)
     for _ in range(2):
@@ -111,12 +117,14 @@ def test_torch_compile_fullgraph_matches_eager():
         torch.testing.assert_close(c, e, atol=0, rtol=0)
 
 
-def test_opcheck():
+@pytest.mark.parametrize("causal", [True, False])
+def test_opcheck(causal):
+    """The custom ops' fake, autograd and dispatch registrations, at a scale that is not D's default (0.3)."""
     q, k, v, dout = make_qkv(1, 2, 1, 19, 23, 16, torch.float32)
-    torch.library.opcheck(_attention_fwd, (q, k, v, True, 0.25))
+    torch.library.opcheck(_attention_fwd, (q, k, v, causal, 0.3))
     with torch.no_grad():
-        out, lse = _attention_fwd(q, k, v, True, 0.25)
-    torch.library.opcheck(_attention_bwd, (dout, q.detach(), k.detach(), v.detach(), out, lse, True, 0.25))
+        out, lse = _attention_fwd(q, k, v, causal, 0.3)
+    torch.library.opcheck(_attention_bwd, (dout, q.detach(), k.detach(), v.detach(), out, lse, causal, 0.3))
 
 
 def test_bad_arguments_raise_clear_errors():
@@ -141,13 +149,173 @@ def test_pytorch_fallback_off_triton(monkeypatch):
         _attention_fwd(q, k, v, True, 0.25)
 
 
+# An fp64 (B, H, T, S) score tensor up to this size is a usable reference on a GPU (SDPA's math backward keeps a few
+# such tensors alive); past it the reference is fp32 SDPA and the rule is "at most 2x the error of SDPA in our dtype".
+FP64_REFERENCE_BYTES = 4 * 2**30
+
+
 @requires_cuda("real-size bf16/fp16 checks run on a GPU")
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("T,D", [(1024, 64), (4096, 64), (8192, 64), (1024, 128), (4096, 128), (8192, 128)])
 def test_real_sizes_on_gpu(T, D, dtype, causal):
-    B = max(1, 16384 // T)
-    test_matches_sdpa(B, 2048 // D, 2048 // D, T, T, D, dtype, causal)
+    B, H = max(1, 16384 // T), 2048 // D
+    if B * H * T * T * 8 <= FP64_REFERENCE_BYTES:
+        test_matches_sdpa(B, H, H, T, T, D, dtype, causal)
+        return
+    q, k, v, dout = make_qkv(B, H, H, T, T, D, dtype)
+    ours = out_and_grads(attention, q, k, v, dout, causal)
+    eager = out_and_grads(sdpa, q, k, v, dout, causal)  # SDPA's own kernels in our dtype
+    up = lambda t: t.detach().float().requires_grad_()
+    ref = out_and_grads(sdpa, up(q), up(k), up(v), dout.float(), causal)  # fp32 SDPA (memory-efficient: no scores)
+    for name, o, r, e in zip(["out", "dq", "dk", "dv"], ours, ref, eager):
+        assert_close_to_ref(o, r, e, name)
+
+
+# -----------------------------------------------------------------------------
+# (T, S) around the block sizes. The kernels' tiles in the interpreter (sm_80's table) are 32, 64 and 128 rows or
+# keys; the dK/dV kernel's query blocks are 32 rows in fp32 and fp16, so what decides its diagonal/full split is
+# (S - T) mod 32 (causal: query i sees key j <= i + S - T). Pairs with S - T = -2..2 modulo 32, 64 and 128, T > S
+# and T < S, then a few unconstrained ones; fp32 and fp16 alternate (their forward and dQ tiles differ).
+def _sweep_pairs(n: int = 20, seed: int = 44) -> list[tuple[int, int, torch.dtype]]:
+    rng = random.Random(seed)
+    pairs = []
+    for i in range(n):
+        block = (32, 64, 128)[i % 3]
+        S = rng.randint(1, 160)
+        if i < 15:
+            T = S - (-2, -1, 0, 1, 2)[i % 5] - block * rng.randint(-1, 1)
+            T = T if T >= 1 else T + 2 * block
+        else:
+            T = rng.randint(1, 160)
+        pairs.append((T, S, (torch.float32, torch.float16)[i % 2]))
+    return pairs
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("T,S,dtype", _sweep_pairs(), ids=lambda x: str(x).replace("torch.", ""))
+def test_block_boundary_sweep(T, S, dtype, causal):
+    """Output and all gradients against fp64 at (T, S) pairs on and around the block boundaries, with GQA.
+
+    Kills the mutant "dK/dV's m_full bound off by one" (`start_n + BLOCK_N - 2 - diag`: a query block whose first
+    row misses the key block's last key runs unmasked): tried, and this test fails at the fp32 pairs with
+    S - T = -2 mod 32, causal (dk off by 0.21 at (T, S) = (75, 105), 0.027 at (35, 97)), while test_matches_sdpa
+    passes. (In fp16 the dK/dV key block is 128 wide, so the one wrong probability is ~1/128 of a row: within fp16's
+    tolerance at (25, 151).)"""
+    q, k, v, dout = make_qkv(1, 2, 1, T, S, 16, dtype, seed=T * 1000 + S)
+    ours = out_and_grads(attention, q, k, v, dout, causal)
+    eager = out_and_grads(sdpa, q, k, v, dout, causal)
+    up = lambda t: t.detach().double().requires_grad_()
+    ref = out_and_grads(sdpa, up(q), up(k), up(v), dout.double(), causal)
+    for name, o, r, e in zip(["out", "dq", "dk", "dv"], ours, ref, eager):
+        assert_close_to_ref(o, r, e, name)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_custom_scale_in_backward(dtype, causal):
+    """scale = 0.3 (not 1/sqrt(D) = 0.25 at D = 16, nor 1/sqrt(32)): output and every gradient against fp64 SDPA at
+    the same scale. Kills a backward that ignores the custom scale (tried: dq off by 0.9; opcheck alone passes it)."""
+    q, k, v, dout = make_qkv(1, 2, 1, 37, 45, 16, dtype)
+    fn = lambda q, k, v, causal: attention(q, k, v, causal, scale=0.3)
+    ref_fn = lambda q, k, v, causal: attention_ref(q, k, v, causal, scale=0.3)
+    ours = out_and_grads(fn, q, k, v, dout, causal)
+    eager = out_and_grads(ref_fn, q, k, v, dout, causal)
+    up = lambda t: t.detach().double().requires_grad_()
+    ref = out_and_grads(ref_fn, up(q), up(k), up(v), dout.double(), causal)
+    for name, o, r, e in zip(["out", "dq", "dk", "dv"], ours, ref, eager):
+        assert_close_to_ref(o, r, e, name)
+
+
+# Key counts on and around every block size the kernels use for keys (32, 64, 128 in the interpreter's tables).
+LARGE_SCORE_S = [1, 2, 3, 16, 31, 32, 33, 63, 64, 65, 96, 127, 128, 129]
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning", "ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_huge_scores_give_finite_gradients(dtype, causal):
+    """|scores| up to ~1e4 (q, k of norm ~100 along one direction, half the queries pointing away from every key, so
+    their lse is about -1e4): no NaN or inf anywhere, queries that see no key (T > S, causal) exactly 0, and every
+    output and gradient close to fp64. Padded keys and queries must contribute exact zeros: a padded key with
+    p = exp(-lse) (not masked) is inf for these rows, and inf x 0 is NaN (the old dQ bug, tried: NaN in dq at S = 1;
+    test_matches_sdpa passes it). The interpreter's numpy warns of the inf in a padded key's own, never stored, rows
+    of dK/dV: those warnings are filtered here."""
+    D, T = 16, 5
+    for S in LARGE_SCORE_S:
+        g = torch.Generator().manual_seed(S)
+        u = torch.randn(D, generator=g)
+        u = u / u.norm()
+        sign = torch.tensor([1.0, -1.0, 1.0, -1.0, -1.0])[:, None]
+        q = 100 * sign * (u + 0.05 * torch.randn(T, D, generator=g))
+        k = 100 * (u + 0.05 * torch.randn(S, D, generator=g))
+        v, dout = torch.randn(S, D, generator=g), torch.randn(T, D, generator=g)
+        q, k, v, dout = (t[None, None].to(DEVICE, dtype) for t in (q, k, v, dout))
+        q, k, v = (t.requires_grad_() for t in (q, k, v))
+        ours = out_and_grads(attention, q, k, v, dout, causal)
+        up = lambda t: t.detach().double().requires_grad_()
+        ref = out_and_grads(sdpa, up(q), up(k), up(v), dout.double(), causal)
+        assert ref[0].abs().max() < 10, "the fp64 reference must be finite here"
+        for name, o, r in zip(["out", "dq", "dk", "dv"], ours, ref):
+            r = r.nan_to_num(0.0)  # fp64 SDPA gives NaN for a query that sees no key; the kernel gives 0
+            assert torch.isfinite(o).all(), f"S={S} {name}: {o.isfinite().logical_not().sum()} non-finite values"
+            tol = (2e-2 if dtype == torch.float16 else 1e-3) * max(1.0, r.abs().max().item())
+            assert (o.double() - r).abs().max() <= tol, f"S={S} {name}: error {(o.double() - r).abs().max():.3g} > {tol:.3g}"
+        if causal and T > S:
+            blind = slice(0, T - S)  # queries that see no key
+            assert torch.all(ours[0][:, :, blind] == 0) and torch.all(ours[1][:, :, blind] == 0)
+
+
+# -----------------------------------------------------------------------------
+def test_row_strides_past_the_int32_limit_raise_one_line():
+    """In-block offsets (up to 256 rows x the row stride) are int32: a stride at the limit is refused, naming the
+    argument and the limit (meta tensors: no memory)."""
+    limit = fa.MAX_ROW_STRIDE
+    ok = torch.empty_strided((1, 1, 4, 16), (4 * (limit - 1), limit - 1, limit - 1, 1), device="meta")
+    fa.check_row_strides("attention", q=ok, k=ok, v=ok)
+    big = torch.empty_strided((1, 1, 4, 16), (4 * limit, limit, limit, 1), device="meta")
+    for name, args in [("k", (ok, big, ok)), ("v", (ok, ok, big)), ("q", (big, ok, ok))]:
+        with pytest.raises(ValueError, match=rf"^attention: {name}'s row/column strides .* 2\^31 / 256 = {limit}$"):
+            attention(*args)
+    column = torch.empty_strided((1, 1, 4, 16), (64, 64, 16, limit), device="meta")
+    with pytest.raises(ValueError, match="q's row/column strides"):
+        attention(column, ok, ok)
+
+
+def test_int64_offsets_exactly_where_a_block_start_could_overflow(monkeypatch):
+    """The launchers compile the INT64 variant exactly when a block start (at most rows - 1) times a row stride can
+    pass 2^31 - 1 (decided on meta tensors: no memory), for the forward and both backward kernels; and the INT64
+    variant computes bit-identical values (forced by a small limit on real data)."""
+    launched = []
+
+    class Recorder:  # stands in for a kernel: keeps each launch's INT64
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launched.append(kwargs.get("INT64"))
+
+    stride = fa.MAX_ROW_STRIDE - 1
+    rows_ok = fa._utils.INT32_MAX // stride + 1  # (rows - 1) * stride <= 2^31 - 1
+    with monkeypatch.context() as m:
+        for kernel in ("_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel"):
+            m.setattr(fa, kernel, Recorder())
+        m.setattr(fa, "_attn_bwd_preprocess_kernel", Recorder())
+        for rows in (rows_ok, rows_ok + 1):
+            t = torch.empty_strided((1, 1, rows, 16), (rows * stride, stride, stride, 1), device="meta")
+            small = torch.empty(1, 1, rows, 16, device="meta")
+            lse = torch.empty(1, 1, rows, device="meta")
+            for q, kv in [(t, small), (small, t)]:  # the long rows in q, then in k/v
+                launched.clear()
+                fa.launch_forward(q, kv, kv, small, lse, (rows, rows), 1, rows, rows, True, 0.25, 0.0, None)
+                fa.launch_backward(small, q, kv, kv, small, lse, (rows, rows), small, small, small, 1, rows, rows,
+                                   True, 0.25, 0.0, None)
+                assert launched == [rows > rows_ok, None, rows > rows_ok, rows > rows_ok], (rows, launched)
+    q, k, v, dout = make_qkv(1, 2, 1, 40, 70, 32, torch.float32)
+    results = []
+    for limit in (fa._utils.INT32_MAX, 8):
+        with monkeypatch.context() as m:
+            m.setattr("kernels._utils.INT32_MAX", limit)
+            results.append(out_and_grads(attention, q, k, v, dout, True))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
 
 
 def test_output_is_laid_out_for_the_models_reshape():
