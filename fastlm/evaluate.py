@@ -1,7 +1,9 @@
 """python -m fastlm.evaluate --weights gpt2.safetensors --data text.txt: perplexity and bits per byte of a text.
 
 The command: its flags (EvaluateConfig), their checks, and main(), which parses the command line before it imports
-torch (so --help is instant). What is computed, and how, is fastlm.perplexity. On a run that takes a while, a
+torch (so --help is instant). What is computed, and how, is fastlm.perplexity: by default the text as one stream
+(a token's context may run back into the previous document); with --per-document, each document on its own (the
+same tokens scored, each seeing only its own document); the output says which. On a run that takes a while, a
 progress line on stderr every few seconds (windows done, elapsed, left); the result goes to stdout.
 """
 from __future__ import annotations

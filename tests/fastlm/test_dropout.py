@@ -121,6 +121,34 @@ def test_attention_dropout_runs_inside_the_attention_op(backend, idx, monkeypatc
     assert torch.equal(first, again), "the same seed, the same masks"
 
 
+def test_torch_backend_drops_where_transformers_does(tmp_path):
+    """Training mode at 0.1: with the same seed, the torch backend draws the very masks GPT2LMHeadModel (SDPA
+    attention) draws, in the same places and order, so the loss and every gradient agree (CPU generator)."""
+    hf_config = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=101, n_positions=32,
+                                        attn_implementation="sdpa", **ALL)
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(hf_config)
+    hf.save_pretrained(tmp_path)
+    ours = GPT.from_pretrained(tmp_path, backend="torch").train()
+    hf.train()
+    idx = torch.randint(0, 101, (2, 17), generator=torch.Generator().manual_seed(4))
+    torch.manual_seed(9)
+    ref = torch.nn.functional.cross_entropy(hf(idx[:, :-1]).logits.flatten(0, 1), idx[:, 1:].flatten())
+    ref.backward()
+    torch.manual_seed(9)
+    loss = ours(idx[:, :-1], idx[:, 1:])
+    loss.backward()
+    with torch.no_grad():
+        assert abs(ours.eval()(idx[:, :-1], idx[:, 1:]) - loss) > 1e-3, "the masks make a difference"
+    torch.testing.assert_close(loss, ref, atol=1e-5, rtol=1e-5)
+    hf_grads = dict(hf.named_parameters())
+    for name, p in ours.named_parameters():
+        ref_grad = hf_grads[name].grad
+        if name.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")):
+            ref_grad = ref_grad.t()  # Conv1D stores (in, out)
+        torch.testing.assert_close(p.grad, ref_grad, atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
 # -----------------------------------------------------------------------------
 def _record_masks(rank: int, cfg, out) -> None:
     """Fine-tune, recording a fingerprint of every dropout mask drawn in training mode (nn.Dropout's)."""
