@@ -47,12 +47,13 @@ except ImportError:  # not on Windows: runs there are not locked
 
 # Everything a run writes into --out; a fresh run refuses a directory holding any of them (unless --overwrite).
 RUN_FILES = ("checkpoint.pt", "metrics.jsonl", "model.safetensors", "config.json", "loss.png",
-             "adapter/adapter_model.safetensors", "adapter/adapter_config.json")
+             "adapter/adapter_model.safetensors", "adapter/adapter_config.json",
+             "prompt/adapter_model.safetensors", "prompt/adapter_config.json")
 LOCK_FILE = ".fastlm-run.lock"
 # Settings that change the data stream or what trains. The batch may be split differently (batch size,
 # accumulation, processes) as long as each step takes the same number of windows.
 RESUME_MUST_MATCH = ("seq_len", "seed", "val_fraction", "train_layers", "trainable", "lora_rank", "lora_alpha",
-                     "lora_targets", "lora_dropout", "pack")
+                     "lora_targets", "lora_dropout", "pack", "prompt_tokens", "prompt_init_text")
 CHECKPOINT_KEYS = ("model", "optimizer", "step", "rng", "model_config", "finetune_config", "data_key",
                    "windows_per_step", "base_weights")
 WHOLE = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -76,7 +77,8 @@ class RunDir:
         """Once set-up has succeeded: remove what killed runs left half-written (and, with --overwrite, the
         earlier run's files). Returns the temporary files removed."""
         removed = remove_temporaries(self.path, [Path(n).name for n in RUN_FILES if "/" not in n])
-        removed += remove_temporaries(self.path / "adapter", [Path(n).name for n in RUN_FILES if "/" in n])
+        for folder in ("adapter", "prompt"):
+            removed += remove_temporaries(self.path / folder, [Path(n).name for n in RUN_FILES if n.startswith(f"{folder}/")])
         if overwrite:
             for name in RUN_FILES:
                 (self.path / name).unlink(missing_ok=True)

@@ -24,7 +24,9 @@ class EvaluateConfig:
     """Perplexity and bits per byte of a GPT-2 checkpoint on a text (strided sliding windows)."""
 
     weights: str | None = field(default=None, metadata={"help": "GPT-2 .safetensors file or directory", "required": True})
-    data: str | None = field(default=None, metadata={"help": ".txt file, directory of .txt files, or .jsonl with a 'text' field", "required": True})
+    data: str | None = field(default=None, metadata={"help": ".txt file, directory of .txt files, or .jsonl with a 'text' field (this or --choices)"})
+    choices: str | None = field(default=None, metadata={"help": "multiple-choice accuracy instead of perplexity: a .jsonl file with one {\"text\", \"choices\", \"label\"} object per line (see fastlm.choices)"})
+    prompt_dir: str | None = field(default=None, metadata={"help": "apply a soft prompt: a prompt-tuning directory (adapter_config.json + adapter_model.safetensors, from fine-tuning's --prompt-tokens or PEFT)"})
     seq_len: int | None = field(default=None, metadata={"help": "most tokens of context per prediction (default: the model's context, at most 1024)"})
     stride: int | None = field(default=None, metadata={"help": "tokens the window advances by, in [1, seq-len] (default: seq-len // 2)"})
     batch_size: int = field(default=4, metadata={"help": "windows per forward pass (does not change the result)"})
@@ -41,8 +43,15 @@ class EvaluateConfig:
 def validate(cfg: EvaluateConfig) -> None:
     if cfg.weights is None:
         raise ValueError("--weights is required: a GPT-2 .safetensors file or a directory holding model.safetensors")
-    if cfg.data is None:
-        raise ValueError("--data is required: a .txt file, a directory of .txt files, or a .jsonl file with a 'text' field")
+    if cfg.data is None and cfg.choices is None:
+        raise ValueError("--data is required: a .txt file, a directory of .txt files, or a .jsonl file with a 'text' field "
+                         "(or --choices FILE.jsonl for multiple-choice accuracy)")
+    if cfg.data is not None and cfg.choices is not None:
+        raise ValueError("--data and --choices: give one of them (perplexity of a text, or multiple-choice accuracy)")
+    if cfg.choices is not None and (cfg.seq_len is not None or cfg.stride is not None or cfg.per_document):
+        raise ValueError("--choices scores whole rows: --seq-len, --stride and --per-document are for --data")
+    if cfg.prompt_dir is not None and cfg.per_document:
+        raise ValueError("--per-document does not combine with --prompt-dir (one soft prompt goes before each window)")
     if cfg.seq_len is not None and cfg.seq_len < 1:
         raise ValueError(f"--seq-len must be positive, got {cfg.seq_len}")
     if cfg.stride is not None and cfg.stride < 1:
@@ -59,9 +68,11 @@ def run(cfg: EvaluateConfig, progress_stream=None) -> dict:
     validate(cfg)
     import torch
 
+    from fastlm.choices import read_choices, score_choices
     from fastlm.data import DataError, read_documents
     from fastlm.model import GPT
     from fastlm.perplexity import evaluate, text_ids
+    from fastlm.prompt_tuning import check_window, load_prompt, text_room
     from fastlm.runtime import autocast_dtype, check_backend, resolve_device, sequence_length
     from fastlm.tokenizer import get_tokenizer
 
@@ -69,12 +80,24 @@ def run(cfg: EvaluateConfig, progress_stream=None) -> dict:
     check_backend(cfg.backend, device)
     autocast = autocast_dtype(cfg.autocast, device)
     tokenizer = get_tokenizer()
-    ids = text_ids(read_documents(cfg.data), tokenizer)
-    if len(ids) < 2:
-        raise DataError(f"{cfg.data}: the text is {len(ids)} token(s); perplexity needs at least 2")
+    if cfg.choices is not None:
+        rows = read_choices(cfg.choices)
+    else:
+        ids = text_ids(read_documents(cfg.data), tokenizer)
+        if len(ids) < 2:
+            raise DataError(f"{cfg.data}: the text is {len(ids)} token(s); perplexity needs at least 2")
     # fp32 weights whatever the file holds; autocast gives the low precision
     model = GPT.from_pretrained(cfg.weights, backend=cfg.backend, device=device, dtype=torch.float32)
-    seq_len = sequence_length(model, tokenizer, cfg.seq_len)
+    if cfg.prompt_dir is not None:
+        load_prompt(model, cfg.prompt_dir)  # errors name the file
+    if cfg.choices is not None:
+        start = time.perf_counter()
+        result = score_choices(model, tokenizer, rows, cfg.batch_size, autocast)
+        result.update(seconds=round(time.perf_counter() - start, 3), weights=cfg.weights, choices=cfg.choices,
+                      prompt_dir=cfg.prompt_dir, autocast=str(autocast).removeprefix("torch.") if autocast else "off")
+        return result
+    seq_len = sequence_length(model, tokenizer, cfg.seq_len or min(text_room(model), 1024))
+    check_window(model, seq_len)
     stride = cfg.stride or max(1, seq_len // 2)
     if stride > seq_len:
         raise ValueError(f"--stride {stride} is larger than --seq-len {seq_len}: some tokens would never be scored")
@@ -118,6 +141,10 @@ def main(argv=None) -> None:
         fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
     if cfg.json:  # strict JSON: an infinite perplexity (a hopeless model) is null
         print(json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in result.items()}))
+    elif cfg.choices is not None:
+        from fastlm.choices import describe
+
+        print(f"{describe(result)}; {result['seconds']:.1f} s" + (f"; soft prompt {cfg.prompt_dir}" if cfg.prompt_dir else ""))
     else:
         print(f"perplexity {result['perplexity']:.4f} (loss {result['loss']:.4f} nats/token), "
               f"{result['bits_per_byte']:.4f} bits per byte; {result['tokens']:,} tokens, {result['bytes']:,} bytes; "

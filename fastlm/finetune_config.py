@@ -45,6 +45,8 @@ class FinetuneConfig:
     lora_alpha: float | None = field(default=None, metadata={"help": "LoRA scaling alpha (the update is alpha/r * B @ A; default: r)"})
     lora_targets: str = field(default="c_attn,c_proj,c_fc", metadata={"help": "comma-separated projections that get adapters"})
     lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA branch's input"})
+    prompt_tokens: int = field(default=0, metadata={"help": "prompt tuning: learn N virtual-token embeddings put before every window, every model weight frozen; saved in PEFT's layout in OUT/prompt (0: off)"})
+    prompt_init_text: str | None = field(default=None, metadata={"help": "start the virtual tokens from this text's token embeddings, cut or repeated to --prompt-tokens (PEFT's TEXT init; default: random)"})
     fsdp: bool = field(default=False, metadata={"help": "under torchrun: shard weights, gradients and optimizer state across the processes (FSDP2) instead of replicating them (DDP)"})
     dropout: float | None = field(default=None, metadata={"help": "dropout probability on the embeddings, the attention probabilities and the residual branches, all three (default: the checkpoint's config.json values, GPT-2's 0.1, as transformers trains with; none from scratch)"})
     pack: bool = field(default=False, metadata={"help": "attend only within each document: positions restart at each document and nothing is attended or predicted across a boundary (windows over the stream otherwise; see fastlm.packing)"})
@@ -81,3 +83,12 @@ def validate(cfg: FinetuneConfig) -> None:
         raise ValueError(f"--lora-dropout must be in [0, 1), got {cfg.lora_dropout}")
     if cfg.dropout is not None and not 0 <= cfg.dropout < 1:
         raise ValueError(f"--dropout must be in [0, 1), got {cfg.dropout}")
+    if cfg.prompt_tokens < 0:
+        raise ValueError(f"--prompt-tokens must not be negative, got {cfg.prompt_tokens}")
+    if cfg.prompt_tokens and (cfg.lora_rank or cfg.train_layers is not None or cfg.trainable):
+        raise ValueError("--prompt-tokens trains a soft prompt on a frozen model: it cannot be combined with --lora-rank, "
+                         "--train-layers or --trainable")
+    if cfg.prompt_tokens and cfg.pack:
+        raise ValueError("--prompt-tokens puts one soft prompt before each window: it cannot be combined with --pack")
+    if cfg.prompt_init_text is not None and not cfg.prompt_tokens:
+        raise ValueError("--prompt-init-text starts a soft prompt: it needs --prompt-tokens N")

@@ -46,6 +46,7 @@ from torch import Tensor
 
 from fastlm.model import GPT
 from fastlm.packing import document_boundaries
+from fastlm.prompt_tuning import check_window, prompt_of, text_room
 from fastlm.tokenizer import ASSETS
 
 EOT = 50256  # GPT-2's <|endoftext|>
@@ -96,7 +97,7 @@ def _batches(spans: list[tuple[int, int, int]], batch_size: int):
 def _summed_nll(model: GPT, x: Tensor, y: Tensor, packing: dict) -> Tensor:
     """Sum of -ln p(y | x) over the targets != -100, fp32. x, y: (B, T); packing: the documents' boundaries."""
     # an fp32 head and loss: a 16-bit sum of a few thousand nats is off in the second decimal
-    return model.loss(model.hidden_states(x, **packing), y, reduction="sum", fp32_head=True)
+    return model.loss(model.hidden_states(x, prompt=prompt_of(model), **packing), y, reduction="sum", fp32_head=True)
 
 
 @torch.no_grad()
@@ -120,10 +121,13 @@ def evaluate(model: GPT, ids: Tensor, seq_len: int | None = None, stride: int | 
     """
     ids = torch.as_tensor(ids).flatten().long()
     n = ids.numel()
-    seq_len = min(model.config.block_size, 1024) if seq_len is None else seq_len
+    seq_len = min(text_room(model), 1024) if seq_len is None else seq_len  # a soft prompt goes before every window
     stride = max(1, seq_len // 2) if stride is None else stride
     if seq_len > model.config.block_size:
         raise ValueError(f"seq_len {seq_len} is longer than the model's context of {model.config.block_size} tokens")
+    check_window(model, seq_len, "seq_len")
+    if per_document and prompt_of(model) is not None:
+        raise ValueError("per_document scoring does not combine with a soft prompt (one prompt goes before each window)")
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     spans = windows(n, seq_len, stride)

@@ -52,7 +52,7 @@ import torch
 from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
 from fastlm import checkpoint as ckpt
-from fastlm import distributed, lora, packing, weights
+from fastlm import distributed, lora, packing, prompt_tuning, weights
 from fastlm.config import GPTConfig
 from fastlm.data import Splits, eval_windows, random_windows, read_documents, split, tokenize
 from fastlm.distributed import Parallel, World
@@ -81,8 +81,10 @@ def learning_rate(step: int, cfg: FinetuneConfig) -> float:
 
 def make_optimizer(model: GPT, cfg: FinetuneConfig, device: torch.device) -> torch.optim.AdamW:
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    prompt = prompt_tuning.prompt_of(model)  # not decayed: decay pulls the virtual tokens to 0, off the embeddings' scale
+    decayed = lambda p: p.dim() >= 2 and p is not prompt
+    groups = [{"params": [p for p in params if decayed(p)], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if not decayed(p)], "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8, fused=device.type == "cuda")
 
 
@@ -181,7 +183,8 @@ def prepare(cfg: FinetuneConfig, world: World, device: torch.device) -> Setup:
     if checkpoint is not None:
         ckpt.check_resumable(checkpoint, cfg, windows_per_step(cfg, world), world.size,
                              complete=ckpt.final_save_done(out, checkpoint["step"]))
-    trains = choose_trainable(model, cfg)
+    trains = choose_trainable(model, cfg, tokenizer)
+    prompt_tuning.check_window(model, cfg.seq_len)  # the virtual tokens and a window share the context
     if checkpoint is not None:
         try:
             model.load_state_dict(checkpoint["model"])
@@ -237,7 +240,7 @@ def resolve_sizes(cfg: FinetuneConfig, model: GPT, base_weights: str | None, che
     the device and model: 8 sequences of the model's context (at most 1024), except on a CPU with pretrained
     weights, where such a step of GPT-2 124M takes minutes: 4 of at most 256 there, said in the returned note."""
     saved = dict(checkpoint["finetune_config"]) if checkpoint is not None else {}
-    context = min(model.config.block_size, 1024)
+    context = min(model.config.block_size - cfg.prompt_tokens, 1024)  # what a window may take beside a soft prompt
     if checkpoint is not None and saved.get("seq_len") is None:
         saved["seq_len"] = context  # an older checkpoint: the default it resolved to then
         checkpoint["finetune_config"] = saved
@@ -429,10 +432,16 @@ def publish(model: GPT, cfg: FinetuneConfig, setup: Setup, step: int) -> None:
     """The final model into --out: (LoRA) adapter/, then config.json, then model.safetensors, which records the
     step and so marks the run complete (fastlm.checkpoint.final_save_done)."""
     out = setup.out
+    base = None if setup.base_weights is None else Path(setup.base_weights).resolve()
+    base_name = None if base is None else str(base if base.is_dir() else base.parent)
     if cfg.lora_rank:  # in a folder of their own: beside model.safetensors, transformers would apply them a second time
-        base = None if setup.base_weights is None else Path(setup.base_weights).resolve()
-        lora.save_adapters(model, out / "adapter", base_model_name_or_path=None if base is None else str(base if base.is_dir() else base.parent))
+        lora.save_adapters(model, out / "adapter", base_model_name_or_path=base_name)
         lora.merge_lora(model)
+    if cfg.prompt_tokens:  # PEFT's layout, in a folder of its own for the same reason; model.safetensors is the base
+        prompt_tuning.save_prompt(model, out / "prompt", base_model_name_or_path=base_name)
+        with prompt_tuning.detached(model):
+            weights.save(model, out, metadata={"fastlm_step": str(step)})
+        return
     weights.save(model, out, metadata={"fastlm_step": str(step)})
 
 
@@ -500,12 +509,14 @@ def _print_summary(summary: dict, cfg: FinetuneConfig, out: Path) -> None:
           f"val loss {summary['val_loss']:.4f} (ppl {summary['val_ppl']:.1f}); {summary['tokens_per_s']:,.0f} tokens/s "
           f"overall; {summary['peak_memory_gib']:.2f} GiB peak {summary['peak_memory_kind']} memory; "
           f"{summary['trainable_parameters']:,} parameters trained; saved to {out}/model.safetensors"
-          + (f" and the LoRA adapters in {out}/adapter (PEFT's layout)" if cfg.lora_rank else ""))
+          + (f" and the LoRA adapters in {out}/adapter (PEFT's layout)" if cfg.lora_rank else "")
+          + (f" (the base model, unchanged) and the soft prompt of {cfg.prompt_tokens} virtual tokens in {out}/prompt "
+             f"(PEFT's layout)" if cfg.prompt_tokens else ""))
 
 
 def _print_sample(model: GPT, tokenizer: Tokenizer, cfg: FinetuneConfig, device: torch.device) -> None:
     torch.manual_seed(cfg.seed)
-    n = min(cfg.sample_tokens, model.config.block_size - 1)
+    n = min(cfg.sample_tokens, prompt_tuning.text_room(model) - 1)  # a soft prompt, if any, comes first
     start = torch.tensor([[tokenizer.eot_token % model.config.vocab_size]], device=device)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         sample = model.generate(start, n, temperature=0.8, top_k=200)
