@@ -22,9 +22,11 @@ only a padded key's own rows of dK/dV, which are never stored, are left as they 
 Dropout: Z_ij is drawn by Philox (tl.philox, 10 rounds) keyed by a 64-bit seed, with the counter (j // 8, i, head,
 sequence): one call gives 16 bits to each of 8 consecutive keys, kept when they are >= round(p * 2^16) (so the keep
 probability is 1 - p to within 2^-17). It is a pure function of the score's coordinates, so the backward regenerates
-the forward's mask whatever its tiles, and nothing is stored. `attention` draws the seed on q's device from torch's generator (torch.randint: no
-host sync, reproducible under torch.manual_seed, and the generator advances, so consecutive calls differ);
-`dropout_mask` returns the mask itself, for tests. p = 0 is a constexpr: the kernels compile as without dropout.
+the forward's mask whatever its tiles, and nothing is stored. `attention` draws the seed on q's device from
+torch's generator (torch.randint: no host sync, reproducible under torch.manual_seed, and the generator advances,
+so consecutive calls differ); `dropout_mask` returns the mask itself, for tests. p = 0 is a constexpr: the kernels
+compile as without dropout. With dropout some 16-bit tiles are smaller (the random bits take registers), and the
+Philox rounds make the main loops about 3x as many instructions (static counts; bench/bench_attention.py times it).
 
 Variable length (kernels/varlen_flash_attention.py): the same kernels with IS_VARLEN, reading each sequence's
 start and length from cu_seqlens; a sequence is a row range of q (total_q, H, D) and of k, v (total_k, Hkv, D).
@@ -38,7 +40,8 @@ Limits: q (B, H, T, D), k and v (B, Hkv, S, D) with H a multiple of Hkv (GQA/MQA
 F.scaled_dot_product_attention; any T, S >= 1; D <= 256 (padded to a power of two internally); any strides
 (views split from a fused qkv projection go in without a copy) whose row stride is below 2^31 / 256 elements;
 fp32, fp16, bf16, all three the same dtype; B and H at most 65535; scale > 0. Offsets are int64 where they can
-exceed int32 (the batch, head and block starts); inside a block they are int32. fp32 matmuls use full-precision
+exceed int32 (batch and head offsets always; a block's first row times its row stride when the host finds
+(rows - 1) * row stride > 2^31 - 1, the INT64 variant); inside a block they are int32. fp32 matmuls use full-precision
 FMA, not TF32. No arbitrary masks. Off Triton (CPU without the interpreter) `attention` runs `attention_ref`.
 """
 from __future__ import annotations
