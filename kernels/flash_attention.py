@@ -174,7 +174,7 @@ def _attn_fwd_kernel(
     stride_ob, stride_oh, stride_ot, stride_od,
     stride_lb, stride_lh,         # lse (B, H, T) strides; rows are contiguous
     H, T, S, GROUP,               # GROUP = H // Hkv query heads per key/value head; T, S unused when varlen
-    scale, drop_threshold, drop_scale,  # softmax scale; dropout: keep if 31 random bits >= threshold; 1 / (1 - p)
+    scale, drop_threshold, drop_scale,  # softmax scale; dropout: keep if 16 random bits >= threshold; 1 / (1 - p)
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, IS_VARLEN: tl.constexpr,
     USE_TMA: tl.constexpr,        # Q, K, V are tensor descriptors (sm_90)

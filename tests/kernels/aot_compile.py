@@ -111,39 +111,51 @@ def cross_entropy_specs():
 
 
 def attention_specs(arch: int):
-    """Every tile configuration the launcher picks on sm_<arch> (tile tables are per architecture): each head-dim
-    class (powers of two and a padded one) for all four kernels, in bf16 and fp32 (their tables differ; fp16 shares
-    bf16's and is compiled at GPT-2's head dim). Dropout, variable length and int64 offsets add code, not tiles: a
-    16-bit configuration compiles causal and plain, then non-causal with all three on; fp32 (slow to compile: FMA
-    loops) once, alternating the two. On sm_90 the forward reads through TMA descriptors where the launcher does
-    (16-bit, power-of-two head dims), and its pointer fallback compiles at GPT-2's head dims; the test-only dropout
-    mask kernel compiles once."""
+    """Every tile configuration the launcher picks on sm_<arch> (tile tables are per architecture, and some tiles
+    differ with dropout or without TMA): each head-dim class (powers of two and a padded one) for all four kernels,
+    in bf16 and fp32 (their tables differ; fp32 at one head dim per tile class and the padded one; fp16 shares
+    bf16's and is compiled at GPT-2's head dim, plain and with dropout). Causal, dropout, variable length, int64
+    offsets and grouped-query heads add code: a bf16 configuration compiles four flag sets
+    that between them take every flag both ways and are the calls that matter: GPT-2's plain causal call; causal
+    varlen with GQA (packed fine-tuning); the same with dropout; non-causal dense with dropout, GQA and int64
+    offsets. fp32 (slow to compile: FMA loops) compiles one of the four per head dim, in turn. On sm_90 the
+    forward reads through TMA descriptors where the launcher does (16-bit, power-of-two head dims; (B, H, rows, D)
+    dense, (total, H, D) varlen), and its pointer fallback compiles at GPT-2's head dims, plain and with dropout;
+    the test-only dropout mask kernel compiles once."""
     import torch
 
     kernels = {"fwd": attn._attn_fwd_kernel, "preprocess": attn._attn_bwd_preprocess_kernel,
                "dkdv": attn._attn_bwd_dkdv_kernel, "dq": attn._attn_bwd_dq_kernel}
-    plain = dict(CAUSAL=True, DROPOUT=False, IS_VARLEN=False, INT64=False)
-    flagged = dict(CAUSAL=False, DROPOUT=True, IS_VARLEN=True, INT64=True)
-    cases = [*itertools.product([16, 32, 64, 80, 128, 256], ["bf16", "fp32"]), (64, "fp16")]
+    flag_sets = [dict(CAUSAL=True, DROPOUT=False, IS_VARLEN=False, INT64=False, GQA=False),
+                 dict(CAUSAL=True, DROPOUT=False, IS_VARLEN=True, INT64=False, GQA=True),
+                 dict(CAUSAL=True, DROPOUT=True, IS_VARLEN=True, INT64=False, GQA=False),
+                 dict(CAUSAL=False, DROPOUT=True, IS_VARLEN=False, INT64=True, GQA=True)]
+    cases = [*itertools.product([16, 32, 64, 80, 128, 256], ["bf16"]), *((d, "fp32") for d in (16, 64, 80, 128, 256)),
+             (64, "fp16")]
     for i, (head_dim, dtype) in enumerate(cases):
         torch_dtype = getattr(torch, TORCH_DTYPES[dtype])
         tma = arch >= 90 and dtype != "fp32" and head_dim & (head_dim - 1) == 0
-        variants = [plain, flagged] if dtype != "fp32" else [(plain, flagged)[i // 2 % 2]]
+        variants = {"bf16": flag_sets, "fp16": flag_sets[::2], "fp32": [flag_sets[i % len(flag_sets)]]}[dtype]
         for name, kernel in kernels.items():
-            cfg = {**attn.launch_config(name, head_dim, torch_dtype, arch), "HEAD_DIM": head_dim}
             if name == "preprocess":
                 varlen = i % 2 == 1
+                cfg = {**attn.launch_config(name, head_dim, torch_dtype, arch), "HEAD_DIM": head_dim}
                 yield kernel, dtype, {**cfg, "IS_VARLEN": varlen, **({} if varlen else {"CuSeqlensQ": None})}
                 continue
-            for flags in variants + ([dict(plain, USE_TMA=False)] if name == "fwd" and tma and head_dim in (64, 128) else []):
+            fallback = [dict(f, USE_TMA=False) for f in flag_sets[::2]] if name == "fwd" and tma and dtype == "bf16" and head_dim in (64, 128) else []
+            for flags in variants + fallback:
+                use_tma = flags.get("USE_TMA", tma) if name == "fwd" else False
+                cfg = {**attn.launch_config(name, head_dim, torch_dtype, arch, flags["DROPOUT"], use_tma), "HEAD_DIM": head_dim}
                 spec = {**cfg, **flags, "DOT_PRECISION": attn._dot_precision(torch_dtype)}
+                if name != "dkdv":
+                    del spec["GQA"]
                 if not spec["IS_VARLEN"]:
                     spec.update(CuSeqlensQ=None, CuSeqlensK=None)
                 if not spec["DROPOUT"]:
                     spec["Seed"] = None
                 if name == "fwd":
-                    spec.setdefault("USE_TMA", tma)
-                    if spec["USE_TMA"]:  # descriptors as attn.descriptor builds them: (B, H, rows, D) or varlen (total, H, D)
+                    spec["USE_TMA"] = use_tma
+                    if use_tma:  # descriptors as attn.descriptor builds them: (B, H, rows, D) or varlen (total, H, D)
                         block = lambda rows: f"[{rows}, 1, {cfg['BLOCK_D']}]" if spec["IS_VARLEN"] else f"[1, 1, {rows}, {cfg['BLOCK_D']}]"
                         rows = dict(Q=cfg["BLOCK_M"], K=cfg["BLOCK_N"], V=cfg["BLOCK_N"])
                         spec["_pointers"] = {t: f"tensordesc<{{dtype}}{block(n)}>" for t, n in rows.items()}
