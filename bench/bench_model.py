@@ -8,6 +8,8 @@ group runs the compiled providers at the largest batch that fits (96 down to 16)
 generate: 124M, batch 1, a 32-token prompt and 256 new greedy tokens: `triton` = fastlm's KV-cache generate,
 `eager` = a loop that reruns the whole forward per token, `hf` = transformers' generate.
 """
+import gc
+
 import pytest
 import torch
 
@@ -39,7 +41,8 @@ def _train_step(provider: str, model, config, batch: int):
     if provider == "hf":
         loss_fn = lambda: torch.nn.functional.cross_entropy(model(x).logits.flatten(0, 1).float(), y.flatten())
     else:
-        forward = torch.compile(model) if provider in ("triton", "compile") else model
+        # dynamic=False: a step retried at a smaller batch compiles a static graph again, as every other group's
+        forward = torch.compile(model, dynamic=False) if provider in ("triton", "compile") else model
         loss_fn = lambda: forward(x, y)
 
     def step():
@@ -77,14 +80,19 @@ def bench_train_step_largest_batch(gpu_bench, benchmark, provider):
     model, config = _model(provider)
     for batch in LARGE_BATCHES:
         step, tokens, flops = _train_step(provider, model, config, batch)
+        fits = True
         try:
             step()
             torch.cuda.synchronize()
-            break
         except torch.OutOfMemoryError:
-            del step
-            model.zero_grad(set_to_none=True)
-            torch.cuda.empty_cache()
+            fits = False  # freed below, outside the handler: its traceback holds the failed step's tensors
+        if fits:
+            break
+        del step
+        model.zero_grad(set_to_none=True)
+        gc.collect()
+        torch._dynamo.reset()
+        torch.cuda.empty_cache()
     else:
         pytest.fail(f"no batch of {LARGE_BATCHES} fits")
     gpu_bench(step, rounds=5, warmup=1, batch=batch, **_throughput(tokens, flops))

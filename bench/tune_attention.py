@@ -218,6 +218,7 @@ def time_sweep(out_dir: Path, budget_s: float, rehearse: bool, candidates_file: 
     start = time.monotonic()
     out_dir.mkdir(parents=True, exist_ok=True)
     log_path = out_dir / "attention-tuning.jsonl"
+    log_path.write_text("")  # one sweep per file: a rerun into the same directory starts it afresh
     device = "cpu" if rehearse else "cuda"
     if not rehearse and not torch.cuda.is_available():
         raise SystemExit("tune_attention time: no CUDA device (use --rehearse on a CPU)")
@@ -352,7 +353,9 @@ def main(argv: list[str] | None = None) -> None:
 
         result = prune(args.arch, args.keep, args.workers)
         path = Path(args.out) if args.out else candidates_path(args.arch, triton.__version__)
-        path.write_text(json.dumps(result, indent=1) + "\n")
+        from fastlm.files import atomic_write_text
+
+        atomic_write_text(path, json.dumps(result, indent=1) + "\n")  # a killed prune leaves the old list whole
         kept = {k: [e["tile"] for e in v if e["candidate"]] for k, v in result["kernels"].items()}
         print(f"wrote {path}: " + "; ".join(f"{k}: {len(v)}" for k, v in kept.items()), file=sys.stderr)
     else:

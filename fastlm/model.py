@@ -369,8 +369,10 @@ class GPT(nn.Module):
         if step is not None or prompt is not None:
             raise ValueError("GPT: cu_seqlens/position_ids (packed documents) do not combine with the KV cache or a "
                              "soft prompt")
-        if position_ids is not None and position_ids.shape != idx.shape:
-            raise ValueError(f"GPT: position_ids must be idx's shape {tuple(idx.shape)}, got {tuple(position_ids.shape)}")
+        if position_ids is not None and (position_ids.shape != idx.shape or position_ids.device != idx.device
+                                         or position_ids.dtype not in (torch.int32, torch.int64)):
+            raise ValueError(f"GPT: position_ids must be int32/int64 of idx's shape {tuple(idx.shape)} on {idx.device}, "
+                             f"got {position_ids.dtype} of shape {tuple(position_ids.shape)} on {position_ids.device}")
         if cu_seqlens is not None and (cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.dtype != torch.int32
                                        or cu_seqlens.device != idx.device):
             raise ValueError(f"GPT: cu_seqlens must be a 1-d int32 tensor of n_docs + 1 >= 2 offsets on idx's device "

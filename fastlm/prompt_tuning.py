@@ -89,6 +89,12 @@ def _check_room(model: GPT, num_tokens: int, flag: str) -> None:
                          f"{model.config.block_size} tokens")
 
 
+def check_prompt_room(model: GPT, num_tokens: int) -> None:
+    """--prompt-tokens N (0: no prompt) must leave room for text in the model's context."""
+    if num_tokens:
+        _check_room(model, num_tokens, "--prompt-tokens")
+
+
 def _refuse_second_prompt(model: GPT, caller: str) -> None:
     if model.soft_prompt is not None:
         raise ValueError(f"{caller}: the model already has a soft prompt ({model.soft_prompt.num_tokens} virtual tokens)")

@@ -176,6 +176,7 @@ def prepare(cfg: FinetuneConfig, world: World, device: torch.device) -> Setup:
         world.print(f"no --weights given: training a small GPT-2 from scratch ({SCRATCH_MODEL.n_layer} layers, "
                     f"{SCRATCH_MODEL.n_embd} wide, {model.num_parameters() / 1e6:.1f}M parameters)")
         base_weights = None
+    prompt_tuning.check_prompt_room(model, cfg.prompt_tokens)  # before any size is derived from what it leaves
     cfg, note = resolve_sizes(cfg, model, base_weights, checkpoint, device)
     if note:
         world.print(note)

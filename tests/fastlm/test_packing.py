@@ -2,6 +2,7 @@
 transformers' GPT2LMHeadModel (loss = the token-weighted mean of the documents' losses, every gradient equal) on
 both backends, the varlen kernel's call, torch.compile without recompiling for new lengths, and what padding
 would waste."""
+import contextlib
 import re
 
 import numpy as np
@@ -156,8 +157,12 @@ def test_bad_packing_arguments_say_what_is_wrong(hf_dir):
     cu_seqlens, positions = document_boundaries(x, EOT)
     with pytest.raises(ValueError, match="cu_seqlens must be a 1-d int32 tensor"):
         model(x, cu_seqlens=cu_seqlens.long())
-    with pytest.raises(ValueError, match=r"position_ids must be idx's shape \(2, 23\)"):
+    with pytest.raises(ValueError, match=r"position_ids must be int32/int64 of idx's shape \(2, 23\)"):
         model(x, position_ids=positions[:, :5])
+    with pytest.raises(ValueError, match=r"got torch.float32 of shape \(2, 23\)"):
+        model(x, position_ids=positions.float())
+    with pytest.raises(ValueError, match=r"on cpu, got torch.int64 of shape \(2, 23\) on meta"):
+        model(x, position_ids=positions.to("meta"))
     with pytest.raises(ValueError, match="do not combine with the KV cache"):
         model.hidden_states(x, step=object(), cu_seqlens=cu_seqlens)
 
@@ -180,3 +185,24 @@ def test_finetune_pack_attends_within_documents_and_reports_the_padding_saved(ch
         "the same windows, attended within documents"
     with pytest.raises(ValueError, match="--resume: --pack is False but the checkpoint was trained with True"):
         run(config(checkpoint, documents, tmp_path / "packed", resume=True, **{**short, "max_steps": 3}))
+
+
+def test_validation_with_pack_scores_each_document_alone(hf_dir):
+    """The loop's validation loss with --pack (eot given) is the mean of the packed batches' losses, each document
+    alone, and differs from the plain windows' (eot None)."""
+    from fastlm.distributed import Parallel, World
+    from fastlm.training import validation_loss
+
+    model = load(hf_dir, "torch")
+    x = torch.cat([packed_rows(seed) for seed in range(2)])
+    y = torch.roll(x, -1, dims=1)
+    parallel = Parallel(model=model, forward=model, train=model, sharded=False)
+    world = World(0, 0, 1)
+    no_autocast = contextlib.nullcontext
+    with torch.no_grad():  # in eval mode, as validation runs (it leaves the model in training mode)
+        expected = sum(model(xb, yb, **dict(zip(("cu_seqlens", "position_ids"), document_boundaries(xb, EOT)))).item()
+                       for xb, yb in zip(x.split(2), y.split(2))) / 2
+    got = validation_loss(parallel, world, x, y, 2, no_autocast, eot=EOT)
+    plain = validation_loss(parallel, world, x, y, 2, no_autocast, eot=None)
+    assert got == pytest.approx(expected, rel=1e-6)
+    assert abs(got - plain) > 100 * abs(got - expected), "the plain windows attend across documents"

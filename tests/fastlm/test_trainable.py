@@ -175,6 +175,8 @@ def test_prompt_tuning_trains_the_prompt_alone_and_the_optimizer_holds_only_it()
     optimizer = training.make_optimizer(model, finetune.FinetuneConfig(), torch.device("cpu"))
     held = [p for group in optimizer.param_groups for p in group["params"]]
     assert len(held) == 1 and held[0] is model.soft_prompt.weight
+    decay = [group["weight_decay"] for group in optimizer.param_groups if group["params"]]
+    assert finetune.FinetuneConfig().weight_decay > 0 and decay == [0.0], "the prompt is not weight-decayed"
 
 
 @pytest.mark.parametrize("flags,message", [
@@ -304,3 +306,13 @@ def test_prompt_tuning_on_two_ranks_equals_one_process(checkpoint, corpus, tmp_p
     assert [m["loss"] for m in two] == pytest.approx([m["loss"] for m in one], rel=1e-5)
     torch.testing.assert_close(trained_prompt(tmp_path / "two" / "out"), trained_prompt(tmp_path / "one" / "out"),
                                atol=1e-5, rtol=1e-4)
+
+
+def test_a_prompt_that_fills_the_context_is_refused_before_the_start_line(checkpoint, corpus, tmp_path, capsys):
+    """The tiny checkpoint's context is 64: 100 virtual tokens are refused with one line before any size is derived
+    from what they leave (no negative --seq-len printed)."""
+    from tests.fastlm.helpers import config
+
+    with pytest.raises(ValueError, match="--prompt-tokens 100 leaves no room for text in the model's context of 64"):
+        finetune.run(config(checkpoint, corpus, tmp_path, prompt_tokens=100, seq_len=None, batch_size=None))
+    assert "-36" not in capsys.readouterr().out
