@@ -124,6 +124,12 @@ def _norm_fwd_kernel(
                 y = y * w.to(tl.float32)[None, :] + b.to(tl.float32)[None, :]
             else:
                 y = y * w.to(tl.float32)[None, :]
+        elif HAS_BIAS:  # F.layer_norm takes a bias without a weight
+            if EVEN_N:
+                b = tl.load(B + cols)
+            else:
+                b = tl.load(B + cols, mask=cols < N, other=0.0)
+            y = y + b.to(tl.float32)[None, :]
         tl.store(Y_rows + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
     else:
         # Pass 1: per-block mean and M2, merged across blocks (Chan et al.), stable for large means; h is written.

@@ -140,6 +140,9 @@ def _cross_entropy_bwd_kernel(
     in_row = Logits + row * stride_lm
     out_row = DLogits + row * stride_dm
     x_target = tl.load(in_row + target * stride_lv, mask=valid, other=0.0).to(tl.float32)  # before DLogits overwrites it
+    # In place (DLogits is Logits: the fused head), another warp's store in the loop may hit the target's column:
+    # every thread has its x_target before any thread stores (one bar.sync per row).
+    tl.debug_barrier()
     scale = dloss * (1.0 + 2.0 * z_loss * lse)
     shift = -dloss * label_smoothing / V
     lse_2 = lse * LOG2E

@@ -15,8 +15,9 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # (1, 1): a single element; (3, 7, 129): odd leading dims; (300, 5): many narrow rows packed per program;
 # (2, 771): GPT-2-like odd width; then rows that stream in backward only, and in both directions.
 SHAPES = [(1, 1), (3, 7, 129), (300, 5), (2, 771), (3, MAX_FUSED_N["backward"] + 5), (2, MAX_FUSED_N["forward"] + 3)]
-# Which parameters the norm has: LayerNorm with weight and bias, weight only, none; RMSNorm with and without weight.
-KINDS = ["ln", "ln_weight_only", "ln_no_affine", "rms", "rms_no_weight"]
+# Which parameters the norm has: LayerNorm with weight and bias, weight only, bias only (F.layer_norm allows it), none;
+# RMSNorm with and without weight.
+KINDS = ["ln", "ln_weight_only", "ln_bias_only", "ln_no_affine", "rms", "rms_no_weight"]
 
 
 def make_inputs(shape, dtype, kind, seed=0):
@@ -24,7 +25,7 @@ def make_inputs(shape, dtype, kind, seed=0):
     N = shape[-1]
     x = torch.randn(shape, generator=g) * 2 + 0.5
     w = torch.randn(N, generator=g) if kind in ("ln", "ln_weight_only", "rms") else None
-    b = torch.randn(N, generator=g) if kind == "ln" else None
+    b = torch.randn(N, generator=g) if kind in ("ln", "ln_bias_only") else None
     to = lambda t: None if t is None else t.to(DEVICE, dtype).requires_grad_()
     return to(x), to(w), to(b), torch.randn(shape, generator=g).to(DEVICE, dtype)
 
