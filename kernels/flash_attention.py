@@ -541,15 +541,17 @@ def _dropout_mask_kernel(
 
 # -----------------------------------------------------------------------------
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per architecture, kernel and padded head dim (an entry at 64 serves 16
-# and 32 too unless they have their own), for 16-bit operands. Each entry compiles for its architecture without
+# and 32 too unless they have their own; a "padded" entry serves head dims below the power of two, e.g. 80 in 128),
+# for 16-bit operands. Each entry compiles for its architecture without
 # register spills in every flag combination it serves, on triton 3.6 and 3.9 (tests/kernels/test_aot_compile.py);
 # GPT-2's sm_90 entries (D = 64, 128) were chosen by their static instruction count (bench/static_counts.py,
 # bench/results/), the others as the largest tile that does not spill. Timing them on a GPU is still to come.
 # fp32 runs its matmuls as exact FMA loops (no tensor cores): the accuracy path, in small tiles, the same everywhere.
 _CONFIGS_16BIT = {
     80: {
-        ("fwd", 64): (128, 64, 8, 2), ("fwd", 128): (64, 64, 4, 2), ("fwd", 256): (64, 32, 8, 1),
-        ("dkdv", 64): (32, 128, 8, 2), ("dkdv", 128): (32, 64, 8, 2), ("dkdv", 256): (32, 32, 8, 1),
+        ("fwd", 64): (128, 64, 8, 2), ("fwd", 128): (128, 64, 8, 2), ("fwd", 128, "padded"): (128, 32, 8, 2),
+        ("fwd", 256): (64, 32, 8, 1),
+        ("dkdv", 64): (32, 128, 8, 2), ("dkdv", 128): (64, 64, 8, 2), ("dkdv", 256): (32, 32, 8, 1),
         ("dq", 32): (64, 64, 4, 2), ("dq", 64): (128, 64, 8, 2), ("dq", 128): (64, 64, 4, 2), ("dq", 256): (32, 32, 8, 1),
     },
     90: {
@@ -562,7 +564,7 @@ _CONFIGS_16BIT = {
 # or strides TMA refuses), and kernels with dropout (its random bits take registers); the dropout entry wins.
 _CONFIGS_16BIT_POINTERS = {80: {}, 90: {("fwd", 128): (128, 64, 8, 2)}}
 _CONFIGS_16BIT_DROPOUT = {
-    80: {("dq", 64): (128, 32, 8, 2), ("dq", 128): (64, 64, 8, 2)},
+    80: {("fwd", 128): (64, 64, 4, 2), ("dq", 64): (128, 32, 8, 2), ("dq", 128): (64, 64, 8, 2)},
     90: {("fwd", 256): (64, 16, 4, 1), ("dkdv", 128): (32, 64, 8, 2), ("dq", 128): (128, 32, 8, 2)},
 }
 _CONFIGS_FP32 = {
@@ -588,10 +590,11 @@ def launch_config(kernel: str, head_dim: int, dtype: torch.dtype, arch: int = 80
     block_d = max(16, triton.next_power_of_2(head_dim))
     if kernel == "preprocess":
         return dict(BLOCK_D=block_d, BLOCK_M=64 if block_d <= 64 else 16, num_warps=4)
-    key = (kernel, max(block_d, 64))
-    lookup = lambda table: table.get((kernel, block_d), table.get(key))
+    keys = [(kernel, block_d, "padded")] if head_dim != block_d else []
+    keys += [(kernel, block_d), (kernel, max(block_d, 64))]
+    lookup = lambda table: next((table[k] for k in keys if k in table), None)
     if dtype == torch.float32:
-        entry = _CONFIGS_FP32[key]
+        entry = _CONFIGS_FP32[keys[-1]]
     else:
         entry = lookup(_CONFIGS_16BIT[arch])
         if kernel == "fwd" and arch >= 90 and not tma:
