@@ -40,7 +40,7 @@ except ImportError:  # macOS, Windows, or a minimal install: only the PyTorch pa
     triton = tl = _TritonStub()
 
 __all__ = ["HAS_TRITON", "triton", "tl", "interpreting", "device_runs_triton", "use_triton", "check_triton_device", "num_programs",
-           "needs_int64_columns"]
+           "needs_int64_columns", "exceeds_int32"]
 
 INT32_MAX = 2**31 - 1
 
@@ -88,3 +88,8 @@ def needs_int64_columns(n_cols: int, *strides: int) -> bool:
     """Whether a kernel's column term (col * stride, col < n_cols) can pass int32 for one of these strides: the
     host then compiles the kernel's COL_INT64 variant, and the common case keeps 32-bit offset math."""
     return any((n_cols - 1) * abs(s) > INT32_MAX for s in strides)
+
+
+def exceeds_int32(value: int) -> bool:
+    """Whether an element offset passes 2^31 - 1 (read at call time, so tests can lower the limit)."""
+    return value > INT32_MAX

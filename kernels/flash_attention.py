@@ -52,8 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kernels import _utils
-from kernels._utils import check_triton_device, tl, triton, use_triton
+from kernels._utils import check_triton_device, exceeds_int32, tl, triton, use_triton
 
 try:  # host tensor descriptors (TMA on Hopper): triton >= 3.4
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -638,7 +637,7 @@ def check_row_strides(op: str, **tensors: Tensor) -> None:
 def needs_int64(*tensors: Tensor) -> bool:
     """Whether a block start times a row stride can pass int32 for one of these tensors: the largest block start is
     at most rows - 1, so the kernels' INT64 variant is compiled exactly when (rows - 1) * |row stride| > 2^31 - 1."""
-    return any((t.shape[-3 if t.dim() == 3 else 2] - 1) * abs(_strides4(t)[2]) > _utils.INT32_MAX for t in tensors)
+    return any(exceeds_int32((t.shape[-3 if t.dim() == 3 else 2] - 1) * abs(_strides4(t)[2])) for t in tensors)
 
 
 def uses_tma(*tensors: Tensor) -> bool:

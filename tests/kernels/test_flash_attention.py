@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 import kernels.flash_attention as fa
 from kernels import attention
+from kernels._utils import INT32_MAX
 from kernels.flash_attention import _attention_bwd, _attention_fwd, attention_ref
 from tests.conftest import DEVICE, HAS_CUDA, assert_close_to_ref, requires_cuda
 
@@ -293,7 +294,7 @@ def test_int64_offsets_exactly_where_a_block_start_could_overflow(monkeypatch):
             return lambda *args, **kwargs: launched.append(kwargs.get("INT64"))
 
     stride = fa.MAX_ROW_STRIDE - 1
-    rows_ok = fa._utils.INT32_MAX // stride + 1  # (rows - 1) * stride <= 2^31 - 1
+    rows_ok = INT32_MAX // stride + 1  # (rows - 1) * stride <= 2^31 - 1
     with monkeypatch.context() as m:
         for kernel in ("_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel"):
             m.setattr(fa, kernel, Recorder())
@@ -310,7 +311,7 @@ def test_int64_offsets_exactly_where_a_block_start_could_overflow(monkeypatch):
                 assert launched == [rows > rows_ok, None, rows > rows_ok, rows > rows_ok], (rows, launched)
     q, k, v, dout = make_qkv(1, 2, 1, 40, 70, 32, torch.float32)
     results = []
-    for limit in (fa._utils.INT32_MAX, 8):
+    for limit in (INT32_MAX, 8):
         with monkeypatch.context() as m:
             m.setattr("kernels._utils.INT32_MAX", limit)
             results.append(out_and_grads(attention, q, k, v, dout, True))
