@@ -10,6 +10,7 @@ same directory clears them.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -106,3 +107,17 @@ def _fsync_directory(directory: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def read_json_object(path: Path, holds: str) -> dict:
+    """A JSON object read from path, or a one-line ValueError naming the file (`holds`: what its directory should
+    hold, said when the file is missing)."""
+    if not path.is_file():
+        raise ValueError(f"{path}: no such file ({holds})")
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: unreadable JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: not a JSON object")
+    return config

@@ -36,7 +36,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from fastlm.model import GPT
-from fastlm.files import atomic_write
+from fastlm.files import atomic_write, read_json_object
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -212,14 +212,7 @@ def save_adapters(model: GPT, directory: str | os.PathLike, base_model_name_or_p
 
 
 def _read_config(path: Path) -> tuple[int, float, float]:
-    if not path.is_file():
-        raise ValueError(f"{path}: no such file (a LoRA adapter directory holds {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})")
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: unreadable JSON ({e})") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"{path}: not a JSON object")
+    config = read_json_object(path, f"a LoRA adapter directory holds {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}")
     if config.get("peft_type") != "LORA":
         raise ValueError(f"{path}: peft_type is {config.get('peft_type')!r}, not 'LORA': not a LoRA adapter")
     for key in _UNSUPPORTED:

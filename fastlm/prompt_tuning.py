@@ -46,7 +46,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from fastlm.files import atomic_write
+from fastlm.files import atomic_write, read_json_object
 from fastlm.model import GPT
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -214,14 +214,7 @@ def _refuse_other_adapter(path: Path) -> None:
 
 
 def _read_config(path: Path, model: GPT) -> dict:
-    if not path.is_file():
-        raise ValueError(f"{path}: no such file (a prompt-tuning directory holds {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})")
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: unreadable JSON ({e})") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"{path}: not a JSON object")
+    config = read_json_object(path, f"a prompt-tuning directory holds {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}")
     kind = config.get("peft_type")
     if kind != "PROMPT_TUNING":
         also = " (LoRA adapters load with fastlm.lora.load_adapters)" if kind == "LORA" else ""

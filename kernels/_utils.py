@@ -40,7 +40,7 @@ except ImportError:  # macOS, Windows, or a minimal install: only the PyTorch pa
     triton = tl = _TritonStub()
 
 __all__ = ["HAS_TRITON", "triton", "tl", "interpreting", "device_runs_triton", "use_triton", "check_triton_device", "num_programs",
-           "needs_int64_columns", "exceeds_int32"]
+           "needs_int64_columns", "exceeds_int32", "col_offsets"]
 
 INT32_MAX = 2**31 - 1
 
@@ -93,3 +93,12 @@ def needs_int64_columns(n_cols: int, *strides: int) -> bool:
 def exceeds_int32(value: int) -> bool:
     """Whether an element offset passes 2^31 - 1 (read at call time, so tests can lower the limit)."""
     return value > INT32_MAX
+
+
+@triton.jit
+def col_offsets(cols, stride, COL_INT64: tl.constexpr):
+    """cols * stride, in int64 when the host says the column term can pass 2^31 (needs_int64_columns)."""
+    if COL_INT64:
+        return cols.to(tl.int64) * stride
+    else:
+        return cols * stride

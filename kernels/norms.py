@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kernels._utils import check_triton_device, needs_int64_columns, num_programs, tl, triton, use_triton
+from kernels._utils import check_triton_device, col_offsets, needs_int64_columns, num_programs, tl, triton, use_triton
 
 # Widest row kept whole in registers (no register spills on sm_80/sm_90: see the AOT test); wider rows loop over
 # COLUMN_BLOCK-wide blocks. Backward holds x, dy, w and two accumulators, so less.
@@ -50,15 +50,6 @@ BACKWARD_WARPS_PER_SM = 16  # the backward's persistent grid: enough resident wa
 
 
 # -----------------------------------------------------------------------------
-@triton.jit
-def _col_offsets(cols, stride, COL_INT64: tl.constexpr):
-    """cols * stride, in int64 when the host says the column term can pass 2^31 (huge column strides)."""
-    if COL_INT64:
-        return cols.to(tl.int64) * stride
-    else:
-        return cols * stride
-
-
 @triton.jit
 def _tile_mask(row_mask, cols, N, EVEN_N: tl.constexpr):
     if EVEN_N:  # every column is real: only rows are masked, so loads and stores stay whole vectors
@@ -93,9 +84,9 @@ def _norm_fwd_kernel(
     if SINGLE_PASS:
         cols = tl.arange(0, BLOCK_N)
         mask = _tile_mask(row_mask, cols, N, EVEN_N)
-        x = tl.load(X_rows + _col_offsets(cols, stride_xn, COL_INT64)[None, :], mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(X_rows + col_offsets(cols, stride_xn, COL_INT64)[None, :], mask=mask, other=0.0).to(tl.float32)
         if HAS_RESIDUAL:
-            r = tl.load(R_rows + _col_offsets(cols, stride_rn, COL_INT64)[None, :], mask=mask, other=0.0)
+            r = tl.load(R_rows + col_offsets(cols, stride_rn, COL_INT64)[None, :], mask=mask, other=0.0)
             h = (x + r.to(tl.float32)).to(H.dtype.element_ty)
             tl.store(H_rows + cols[None, :], h, mask=mask)
             x = h.to(tl.float32)
@@ -138,9 +129,9 @@ def _norm_fwd_kernel(
         for start in range(0, N, BLOCK_N):
             cols = start + tl.arange(0, BLOCK_N)
             mask = _tile_mask(row_mask, cols, N, EVEN_N)
-            x = tl.load(X_rows + _col_offsets(cols, stride_xn, COL_INT64)[None, :], mask=mask, other=0.0).to(tl.float32)
+            x = tl.load(X_rows + col_offsets(cols, stride_xn, COL_INT64)[None, :], mask=mask, other=0.0).to(tl.float32)
             if HAS_RESIDUAL:
-                r = tl.load(R_rows + _col_offsets(cols, stride_rn, COL_INT64)[None, :], mask=mask, other=0.0)
+                r = tl.load(R_rows + col_offsets(cols, stride_rn, COL_INT64)[None, :], mask=mask, other=0.0)
                 h = (x + r.to(tl.float32)).to(H.dtype.element_ty)
                 tl.store(H_rows + cols[None, :], h, mask=mask)
                 x = h.to(tl.float32)
@@ -165,7 +156,7 @@ def _norm_fwd_kernel(
             if HAS_RESIDUAL:
                 x = tl.load(H_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
             else:
-                x = tl.load(X_rows + _col_offsets(cols, stride_xn, COL_INT64)[None, :], mask=mask, other=0.0).to(tl.float32)
+                x = tl.load(X_rows + col_offsets(cols, stride_xn, COL_INT64)[None, :], mask=mask, other=0.0).to(tl.float32)
             y = (x - mean[:, None]) * rstd[:, None]
             if CAST_BEFORE_WEIGHT:
                 y = y.to(H.dtype.element_ty).to(tl.float32)
@@ -201,8 +192,8 @@ def _norm_bwd_kernel(
     inv_n = 1.0 / N
     if SINGLE_PASS:
         cols = tl.arange(0, BLOCK_N)
-        x_cols = _col_offsets(cols, stride_xn, COL_INT64)[None, :]
-        dy_cols = _col_offsets(cols, stride_dyn, COL_INT64)[None, :]
+        x_cols = col_offsets(cols, stride_xn, COL_INT64)[None, :]
+        dy_cols = col_offsets(cols, stride_dyn, COL_INT64)[None, :]
         if HAS_WEIGHT:
             if EVEN_N:
                 w = tl.load(W + cols).to(tl.float32)
@@ -260,8 +251,8 @@ def _norm_bwd_kernel(
             for start in range(0, N, BLOCK_N):
                 cols = start + tl.arange(0, BLOCK_N)
                 mask = _tile_mask(row_mask, cols, N, EVEN_N)
-                x = tl.load(X_rows + _col_offsets(cols, stride_xn, COL_INT64)[None, :], mask=mask, other=0.0).to(tl.float32)
-                dy = tl.load(DY_rows + _col_offsets(cols, stride_dyn, COL_INT64)[None, :], mask=mask, other=0.0).to(tl.float32)
+                x = tl.load(X_rows + col_offsets(cols, stride_xn, COL_INT64)[None, :], mask=mask, other=0.0).to(tl.float32)
+                dy = tl.load(DY_rows + col_offsets(cols, stride_dyn, COL_INT64)[None, :], mask=mask, other=0.0).to(tl.float32)
                 xhat = x * rstd[:, None] - mean_rstd[:, None]
                 if HAS_WEIGHT:
                     dy = dy * tl.load(W + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
@@ -272,8 +263,8 @@ def _norm_bwd_kernel(
             for start in range(0, N, BLOCK_N):
                 cols = start + tl.arange(0, BLOCK_N)
                 mask = _tile_mask(row_mask, cols, N, EVEN_N)
-                x = tl.load(X_rows + _col_offsets(cols, stride_xn, COL_INT64)[None, :], mask=mask, other=0.0).to(tl.float32)
-                dy = tl.load(DY_rows + _col_offsets(cols, stride_dyn, COL_INT64)[None, :], mask=mask, other=0.0).to(tl.float32)
+                x = tl.load(X_rows + col_offsets(cols, stride_xn, COL_INT64)[None, :], mask=mask, other=0.0).to(tl.float32)
+                dy = tl.load(DY_rows + col_offsets(cols, stride_dyn, COL_INT64)[None, :], mask=mask, other=0.0).to(tl.float32)
                 xhat = x * rstd[:, None] - mean_rstd[:, None]
                 if HAS_WEIGHT:
                     g = dy * tl.load(W + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]

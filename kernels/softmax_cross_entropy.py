@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kernels._utils import check_triton_device, needs_int64_columns, tl, triton, use_triton
+from kernels._utils import check_triton_device, col_offsets, needs_int64_columns, tl, triton, use_triton
 
 BLOCK_V = 4096         # logits per row block: a row of 50257 takes 13 blocks (6% padding in the last), 128256 takes 32
 VEC = 8                # logits each thread owns contiguously in a block: one 128-bit load of a 16-bit row
@@ -45,15 +45,6 @@ FLOOR = tl.constexpr(-1.0e38)
 # other row [VEC, BLOCK_V // VEC], a thread owning every T-th logit, read by coalesced scalar loads (laid out the
 # aligned way, Triton would spread each run over 8 threads and the reductions would need shuffles). Full blocks
 # load without masks; the last, partial block is masked on the real V, so padding columns are never read.
-
-@triton.jit
-def _col_offsets(cols, stride, COL_INT64: tl.constexpr):
-    """cols * stride, in int64 when the host says the column term can pass 2^31 (a huge column stride)."""
-    if COL_INT64:
-        return cols.to(tl.int64) * stride
-    else:
-        return cols * stride
-
 
 @triton.jit
 def _block_lanes(BLOCK_V: tl.constexpr, VEC: tl.constexpr, ALIGNED: tl.constexpr):
@@ -95,13 +86,13 @@ def _cross_entropy_fwd_kernel(
     x_sum = tl.zeros(lanes.shape, dtype=tl.float32)
     full = (V // BLOCK_V) * BLOCK_V
     for start in range(0, full, BLOCK_V):
-        x = tl.load(row_ptr + _col_offsets(start + lanes, stride_lv, COL_INT64)).to(tl.float32)
+        x = tl.load(row_ptr + col_offsets(start + lanes, stride_lv, COL_INT64)).to(tl.float32)
         m, s = _online_lse_update(m, s, x, AXIS)
         if HAS_SMOOTHING:
             x_sum += x
     if full < V:
         cols = full + lanes
-        x = tl.load(row_ptr + _col_offsets(cols, stride_lv, COL_INT64), mask=cols < V, other=float("-inf")).to(tl.float32)
+        x = tl.load(row_ptr + col_offsets(cols, stride_lv, COL_INT64), mask=cols < V, other=float("-inf")).to(tl.float32)
         m, s = _online_lse_update(m, s, x, AXIS)
         if HAS_SMOOTHING:
             x_sum += tl.where(cols < V, x, 0.0)
@@ -149,14 +140,14 @@ def _cross_entropy_bwd_kernel(
     lanes = _block_lanes(BLOCK_V, VEC, ALIGNED)
     full = (V // BLOCK_V) * BLOCK_V
     for start in range(0, full, BLOCK_V):
-        x = tl.load(in_row + _col_offsets(start + lanes, stride_lv, COL_INT64)).to(tl.float32)
+        x = tl.load(in_row + col_offsets(start + lanes, stride_lv, COL_INT64)).to(tl.float32)
         grad = tl.exp2(x * LOG2E - lse_2) * scale + shift
-        tl.store(out_row + _col_offsets(start + lanes, stride_dv, COL_INT64), grad.to(DLogits.dtype.element_ty))
+        tl.store(out_row + col_offsets(start + lanes, stride_dv, COL_INT64), grad.to(DLogits.dtype.element_ty))
     if full < V:
         cols = full + lanes
-        x = tl.load(in_row + _col_offsets(cols, stride_lv, COL_INT64), mask=cols < V, other=0.0).to(tl.float32)
+        x = tl.load(in_row + col_offsets(cols, stride_lv, COL_INT64), mask=cols < V, other=0.0).to(tl.float32)
         grad = tl.exp2(x * LOG2E - lse_2) * scale + shift
-        tl.store(out_row + _col_offsets(cols, stride_dv, COL_INT64), grad.to(DLogits.dtype.element_ty), mask=cols < V)
+        tl.store(out_row + col_offsets(cols, stride_dv, COL_INT64), grad.to(DLogits.dtype.element_ty), mask=cols < V)
     # Every thread's store of the row is done (and visible) before the target's value replaces its entry.
     tl.debug_barrier()
     grad_target = tl.exp2(x_target * LOG2E - lse_2) * scale + shift - dloss * (1.0 - label_smoothing)
